@@ -1,0 +1,4 @@
+from ddaebm.cli import main
+import sys
+
+sys.exit(main())

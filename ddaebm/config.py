@@ -1,0 +1,285 @@
+"""The typed configuration: one schema, YAML files merged on it, CLI dotlist overrides merged last.
+
+Every field has a type and a default; an unknown key or a value of the wrong type fails with the key's
+name (OmegaConf structured configs). A YAML file may name another as `base:` (a path relative to itself),
+so dataset configs share one toy base. The resolved config is printed at start and saved in the run dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file or key at fault."""
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process (SPEC §1)."""
+
+    num_steps: int = 4
+    """T, the number of denoising steps."""
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    grid: str = "eps"
+    """Time grid: 'eps' (t_j = ε + (1−ε)j/T) or 'drl' (LSUN, SPEC §1.2)."""
+    eps: float = 1e-3
+    variance: str = "vp"
+    """'vp' (discretised VP-SDE) or 'geometric' (SPEC §1.3)."""
+    first_beta: str = "var_t0"
+    """β_0: 'var_t0' (DDAEBM: the k = 0 target is data plus N(0, var(t_0))) or 'ddgan' (1e-8)."""
+    clamp_beta: Optional[float] = 0.999
+    """Upper clamp on β_j (image code 0.999); null for none (official toy code)."""
+    posterior_logvar_floor: float = 0.0
+    """Posterior σ̃² is floored here before its log (image code 1e-4; 0 = none, official toy code)."""
+
+
+@dataclass
+class ModelConfig:
+    """Networks (SPEC §2-§4)."""
+
+    arch: str = "toy"
+    data_dim: int = 2
+    nz: int = 2
+    """Latent dimension of the generator."""
+    hidden: int = 300
+    t_emb_dim: int = 16
+    gen_norm: str = "batch"
+    """Normalisation in the toy generator/encoder: 'batch' (official) or 'none'."""
+    sample_bn_mode: str = "eval"
+    """BatchNorm mode when sampling: 'eval' (running stats) or 'train' (official: batch stats of a
+    one-k sampling batch, which differ from the mixed-k training batches)."""
+    logvar_min: float = -10.0
+    logvar_max: float = 2.0
+    """Encoder log-variance clamp (SPEC §11 advice); the official code leaves it unconstrained."""
+
+
+@dataclass
+class LossConfig:
+    """The energy and generator+encoder objectives (SPEC §5, §6)."""
+
+    ablation: str = "full"
+    """'full', or a paper ablation (SPEC §6): 'no_latent', 'kl_only', 'kl_no_entropy'."""
+    recon_mode: str = "elbo_encoder"
+    """'elbo_encoder' (paper ELBO, z from the encoder) or 'mse_prior_z' (official CIFAR/CelebA HEAD)."""
+    lambda_ent: float = 0.1
+    """Weight of the latent-entropy bound L_lat."""
+    lambda_rec: float = 1.0
+    """Weight of the reconstruction term (1 in the official code)."""
+    lambda_kl: float = 1.0
+    """Weight of the KL(q_ψ(z|·) ‖ N(0, I)) term (1 in the official code)."""
+    iw_alpha: float = 1.0
+    iw_beta: float = 1.0
+    """Importance weight w(t) = α·t^{log(β/α)/log 0.5} of the recon term; (1, 1) gives w ≡ 1."""
+    recon_var_floor: float = 1e-2
+    """Floor of the recon Gaussian's variance v_k (official toy 1e-2)."""
+    recon_var_floor_step1: bool = False
+    """Also floor v_k at σ̃²_1 (official image code: v_k = max(σ̃²_k, σ̃²_1))."""
+    r1_gamma: float = 0.02
+    r1_target: str = "full_conditional"
+    """'full_conditional' (∇[f + log N(x_{k+1}; a x_k, σ²)], official) or 'energy_only' (∇f)."""
+    r1_interval: int = 1
+    """Lazy R1: apply the penalty (scaled by the interval) every this many steps, as its own phase."""
+    fake_weight: float = 1.0
+    """Weight of the fake term in the energy loss (0.1 for MNIST, SPEC §5)."""
+
+
+@dataclass
+class OptimConfig:
+    """Adam(β1 = 0, β2 = 0.9) for both players (SPEC §5)."""
+
+    lr_g: float = 1e-4
+    lr_d: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.9
+    adam_eps: float = 1e-8
+    lr_schedule: str = "constant"
+    """'constant' (toy) or 'cosine' (images; annealed over train.steps to lr_min)."""
+    lr_min: float = 1e-5
+    ema_decay: float = 0.0
+    """EMA of generator, encoder and energy; 0 disables it (toy)."""
+    fused: bool = True
+    """torch's fused Adam (same math, one kernel per parameter group)."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "25gaussians"
+    batch: int = 200
+    """Global batch: the same for any number of ranks."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20000
+    """Total training iterations (one energy step and one generator step each)."""
+    seed: int = 0
+    threads: int = 1
+    """torch intra-op threads; 0 keeps torch's default."""
+    log_every: int = 200
+    snapshot_every: int = 5000
+    """Sample scatter and density PNGs into the run dir."""
+    ckpt_every: int = 2000
+    keep_ckpts: int = 3
+    eval_at_end: bool = True
+
+
+@dataclass
+class SampleConfig:
+    refine_step: float = 1e-3
+    """Step size s of the energy refinement x ← x + s·∇f(x, 0) (SPEC §7.2; not reported by the paper)."""
+    use_ema: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 10000
+    grid: int = 200
+    range_lo: float = -4.0
+    range_hi: float = 4.0
+
+
+@dataclass
+class Config:
+    name: str = MISSING
+    """Run name; the run dir defaults to runs/<name>."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Values a key may take where the type alone does not say it (checked after merging).
+CHOICES = {
+    "diffusion.grid": ("eps", "drl"),
+    "diffusion.variance": ("vp", "geometric"),
+    "diffusion.first_beta": ("var_t0", "ddgan"),
+    "model.arch": ("toy",),
+    "model.gen_norm": ("batch", "none"),
+    "model.sample_bn_mode": ("eval", "train"),
+    "loss.ablation": ("full", "no_latent", "kl_only", "kl_no_entropy"),
+    "loss.recon_mode": ("elbo_encoder", "mse_prior_z"),
+    "loss.r1_target": ("full_conditional", "energy_only"),
+    "optim.lr_schedule": ("constant", "cosine"),
+}
+
+# Keys that may change when a run resumes without making it a different experiment.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.snapshot_every", "train.ckpt_every",
+                     "train.keep_ckpts", "train.threads", "train.eval_at_end", "eval", "sample")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The YAML at `path` with its `base:` chain merged underneath (plain dicts, later wins)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config base cycle through {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = _read_yaml(path.parent / base, seen + (path.resolve(),))
+    return _deep_merge(parent, data)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for key in ("data.batch", "train.steps", "diffusion.num_steps", "model.nz", "loss.r1_interval"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key} must be ≥ 1, got {OmegaConf.select(cfg, key)}")
+
+
+def _schema_error(err: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"{origin}: {'key ' + repr(key) + ': ' if key else ''}{msg}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), name: str | None = None) -> Config:
+    """The typed config from a YAML file (or the schema defaults) plus `key=value` overrides.
+
+    The name defaults to the file's stem, so `configs/toy/pinwheel.yaml` runs in `runs/pinwheel`.
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        try:
+            cfg = OmegaConf.merge(cfg, _read_yaml(path))
+        except OmegaConfBaseException as err:
+            raise _schema_error(err, str(path)) from None
+        if OmegaConf.is_missing(cfg, "name"):
+            cfg.name = path.stem
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _schema_error(err, f"override {item!r}") from None
+    if name is not None:
+        cfg.name = name
+    if OmegaConf.is_missing(cfg, "name"):
+        cfg.name = "default"
+    _check_choices(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    """A typed config from a plain dict (as saved in a checkpoint)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), data)
+    except OmegaConfBaseException as err:
+        raise _schema_error(err, "saved config") from None
+    _check_choices(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        full = f"{prefix}{key}"
+        out.update(_flatten(value, full + ".") if isinstance(value, dict) else {full: value})
+    return out
+
+
+def experiment_differences(saved: dict, current: Config) -> list[str]:
+    """Keys whose values differ between a saved run's config and this one, ignoring RESUMABLE_CHANGES."""
+    a, b = _flatten(saved), _flatten(to_dict(current))
+    keys = sorted(set(a) | set(b))
+    allowed = lambda k: any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)  # noqa: E731
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k) and not allowed(k)]

@@ -1,0 +1,182 @@
+"""The two objectives of one DDAEBM iteration (SPEC §5), with every switch of SPEC §5-§6.
+
+One iteration draws a `StepBatch` (k, x_k, x_{k+1}, z and the generator's x̃_k, its graph kept) and both
+players use it: the energy step on the detached x̃_k, the generator+encoder step through it (SPEC §5: the
+official code shares one sample between the two steps; DDGAN redraws).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddaebm.config import LossConfig
+from ddaebm.diffusion.schedule import (Schedule, diffuse_pair, importance_weight, log_transition,
+                                       posterior_mean, posterior_sample, transition_score)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """Which parts of the generator objective are on; the paper's ablations are presets (SPEC §6)."""
+
+    latent: bool  # z ~ N(0, I); off: z ≡ 0 in training and sampling
+    encoder: bool  # q_ψ exists and is trained
+    entropy: bool  # L_lat, the bound on −H(z | x_k, x_{k+1})
+    recon: bool  # L_rec, the ELBO's likelihood term (forward KL half)
+    kl: bool  # L_KL = KL(q_ψ(z | x_k, x_{k+1}) ‖ N(0, I))
+
+
+ABLATIONS = {
+    "full": Terms(latent=True, encoder=True, entropy=True, recon=True, kl=True),
+    # No latent: p_φ is the Gaussian posterior around a deterministic x₀'(x_{k+1}); recon kept with z = 0.
+    "no_latent": Terms(latent=False, encoder=False, entropy=False, recon=True, kl=False),
+    # Reverse KL only: −E_F + L_lat, the encoder trained by L_lat alone.
+    "kl_only": Terms(latent=True, encoder=True, entropy=True, recon=False, kl=False),
+    # Reverse KL without the entropy bound (WGAN-0GP inside diffusion): −E_F only, no encoder.
+    "kl_no_entropy": Terms(latent=True, encoder=False, entropy=False, recon=False, kl=False),
+}
+
+
+@dataclass
+class StepBatch:
+    """Everything one iteration draws, shared by the energy and generator steps."""
+
+    k: torch.Tensor  # [B] step index of the target x_k
+    x_k: torch.Tensor  # real target, requires grad (for R1)
+    x_k1: torch.Tensor  # real noisier input x_{k+1}
+    z: torch.Tensor  # prior latent that produced x_fake
+    x0_fake: torch.Tensor  # G(x_{k+1}, k, z), graph to φ kept
+    x_fake: torch.Tensor  # x̃_k = posterior sample around x0_fake, graph to φ kept
+    enc_noise: torch.Tensor  # ε of the encoder's reparameterised z_E
+
+
+def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: Terms, nz: int,
+                    rng: torch.Generator) -> StepBatch:
+    """Draw k, the real pair and the generator's fake x̃_k for one iteration (SPEC §1.5, §3, §5)."""
+    n = x0.shape[0]
+    k = torch.randint(0, s.num_steps, (n,), generator=rng)
+    noise = torch.randn((3, *x0.shape), generator=rng)
+    x_k, x_k1 = diffuse_pair(s, x0, k, noise[0], noise[1])
+    z = torch.randn((n, nz), generator=rng) if terms.latent else torch.zeros(n, nz)
+    enc_noise = torch.randn((n, nz), generator=rng)
+    x0_fake = generator(x_k1, k, z)
+    x_fake = posterior_sample(s, x0_fake, x_k1, k, noise[2])
+    return StepBatch(k=k, x_k=x_k.requires_grad_(True), x_k1=x_k1, z=z, x0_fake=x0_fake, x_fake=x_fake,
+                     enc_noise=enc_noise)
+
+
+def r1_expected_constant(s: Schedule, k: torch.Tensor, dim: int, gamma: float) -> torch.Tensor:
+    """E of the full-conditional R1 penalty when ∇f ≡ 0: (γ/2)·d·a²/σ² averaged over the batch (SPEC §5)."""
+    return 0.5 * gamma * dim * (s.a[k + 1] ** 2 / s.beta[k + 1]).mean()
+
+
+def r1_penalty(energy: nn.Module, s: Schedule, b: StepBatch, f_real: torch.Tensor, cfg: LossConfig,
+               scale: float = 1.0) -> torch.Tensor:
+    """(γ/2)·mean‖∇_{x_k}[f(x_k, k) + log N(x_{k+1}; a x_k, σ²)]‖² (SPEC §5), differentiable in θ.
+
+    The transition's score a(x_{k+1} − a x_k)/σ² is added in closed form; it has zero mean given x_k and only
+    adds the θ-independent constant of `r1_expected_constant` in expectation.
+    """
+    (grad,) = torch.autograd.grad(f_real.sum(), b.x_k, create_graph=True)
+    if cfg.r1_target == "full_conditional":
+        grad = grad + transition_score(s, b.x_k.detach(), b.x_k1, b.k)
+    return 0.5 * cfg.r1_gamma * scale * grad.pow(2).flatten(1).sum(1).mean()
+
+
+def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, with_r1: bool = True,
+                r1_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_D = mean[−f(x_k) + w_fake·f(sg(x̃_k))] + R1 (SPEC §5); Gaussian terms cancel in ∂/∂θ.
+
+    Real and fake go through the energy as one batch of 2B: the energy has no batch statistics, so this is
+    the same math in one pass.
+    """
+    n = b.x_k.shape[0]
+    f = energy(torch.cat([b.x_k, b.x_fake.detach()]), torch.cat([b.k, b.k]))
+    f_real, f_fake = f[:n], f[n:]
+    loss = -f_real.mean() + cfg.fake_weight * f_fake.mean()
+    stats = {"f_real": f_real.mean().detach(), "f_fake": f_fake.mean().detach()}
+    if with_r1 and cfg.r1_gamma > 0:
+        r1 = r1_penalty(energy, s, b, f_real, cfg, r1_scale)
+        loss = loss + r1
+        stats["r1"] = r1.detach()
+        if cfg.r1_target == "full_conditional":
+            stats["r1_excess"] = r1.detach() - r1_scale * r1_expected_constant(s, b.k, b.x_k[0].numel(), cfg.r1_gamma)
+    stats["loss_energy"] = loss.detach()
+    return loss, stats
+
+
+def lazy_r1_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
+    """The R1 penalty alone, scaled by its interval (StyleGAN2's lazy regularisation)."""
+    f_real = energy(b.x_k, b.k)
+    r1 = r1_penalty(energy, s, b, f_real, cfg, scale=float(cfg.r1_interval))
+    return r1, {"r1_lazy": r1.detach()}
+
+
+def _gaussian_nll(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """−log N(x; mean, var·I) summed over data dimensions, with constants ([B]); var is [B]."""
+    v = var.view(-1, *([1] * (x.dim() - 1)))
+    return 0.5 * (((x - mean) ** 2) / v + torch.log(2 * math.pi * v)).flatten(1).sum(1)
+
+
+def recon_variance(s: Schedule, k: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """v_k = max(σ̃²_k (floored as in the posterior), floor[, σ̃²_1]) of the recon Gaussian (SPEC §5.4)."""
+    post_var = torch.exp(s.post_logvar)
+    floor = cfg.recon_var_floor
+    if cfg.recon_var_floor_step1 and s.num_steps > 1:
+        floor = max(floor, float(post_var[1]))
+    return post_var[k].clamp(min=floor)
+
+
+def latent_nll(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Σ_j [½ logvar_j + ½ (z_j − μ_j)²/(1e-6 + e^{logvar_j})], the official L_lat without its weight ([B])."""
+    return (0.5 * logvar + 0.5 * (z - mu) ** 2 / (1e-6 + torch.exp(logvar))).sum(1)
+
+
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, e^{logvar}) ‖ N(0, I)) per sample ([B])."""
+    return -0.5 * (1 + logvar - mu**2 - torch.exp(logvar)).sum(1)
+
+
+def generator_loss(energy: nn.Module, gen_enc: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig,
+                   terms: Terms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_G = −E_F + L_lat + L_rec + L_KL (SPEC §5), with the terms `terms` switches on."""
+    x_k = b.x_k.detach()
+    e_f = (energy(b.x_fake, b.k) + log_transition(s, b.x_fake, b.x_k1, b.k)).mean()
+    loss = -e_f
+    stats = {"E_F": e_f.detach()}
+    if terms.entropy:
+        mu_g, logvar_g = gen_enc.encoder(b.x_fake, b.x_k1, b.k)
+        l_lat = cfg.lambda_ent * latent_nll(b.z, mu_g, logvar_g).mean()
+        loss, stats["L_lat"] = loss + l_lat, l_lat.detach()
+    mu = logvar = None
+    if terms.encoder and (terms.recon or terms.kl):
+        mu, logvar = gen_enc.encoder(x_k, b.x_k1, b.k)
+    if terms.recon:
+        l_rec = cfg.lambda_rec * recon_loss(gen_enc, s, b, x_k, mu, logvar, cfg, terms)
+        loss, stats["L_rec"] = loss + l_rec, l_rec.detach()
+    if terms.kl:
+        l_kl = cfg.lambda_kl * kl_to_standard_normal(mu, logvar).mean()
+        loss, stats["L_KL"] = loss + l_kl, l_kl.detach()
+    stats["loss_gen"] = loss.detach()
+    return loss, stats
+
+
+def recon_loss(gen_enc: nn.Module, s: Schedule, b: StepBatch, x_k: torch.Tensor, mu, logvar, cfg: LossConfig,
+               terms: Terms) -> torch.Tensor:
+    """The reconstruction term in one of its two forms (SPEC §5.4, §5 discrepancy 1)."""
+    if cfg.recon_mode == "mse_prior_z":
+        # Official CIFAR/CelebA HEAD: MSE to the posterior mean of the prior-z output; encoder unused here.
+        mean = posterior_mean(s, b.x0_fake, b.x_k1, b.k)
+        return ((x_k - mean) ** 2).flatten(1).sum(1).mean()
+    if terms.encoder:
+        z_e = mu + torch.exp(0.5 * logvar) * b.enc_noise
+        x0_e = gen_enc.generator(b.x_k1, b.k, z_e)
+    else:  # no-latent ablation: G(x_{k+1}, k, 0) is the D step's output already
+        x0_e = b.x0_fake
+    mean = posterior_mean(s, x0_e, b.x_k1, b.k)
+    nll = _gaussian_nll(x_k, mean, recon_variance(s, b.k, cfg))
+    w = importance_weight(s.t[b.k + 1], cfg.iw_alpha, cfg.iw_beta)
+    return (w * nll).mean()

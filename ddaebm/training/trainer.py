@@ -1,0 +1,142 @@
+"""The DDAEBM trainer: networks, engines, phases and the state that a checkpoint must carry.
+
+One iteration draws a StepBatch (SPEC §5), then runs the phases in order. Each phase is data: a name, the
+engine it trains, its loss and its interval. Only the phase's network has requires_grad on, and each
+engine gets exactly one backward per phase.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ddaebm.config import Config, to_dict
+from ddaebm.data.stream import build_stream
+from ddaebm.diffusion.schedule import build_schedule
+from ddaebm.losses import ABLATIONS, StepBatch, draw_step_batch, energy_loss, generator_loss, lazy_r1_loss
+from ddaebm.networks import build_energy, build_generator_encoder
+from ddaebm.training.ema import EMA
+from ddaebm.training.engine import TorchEngine
+
+LossFn = Callable[["Trainer", StepBatch], tuple[torch.Tensor, dict]]
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    engine: str  # key into Trainer.engines
+    loss: LossFn
+    interval: int = 1
+
+
+def _energy_phase(t: "Trainer", b: StepBatch):
+    return energy_loss(t.energy, t.schedule, b, t.cfg.loss, with_r1=t.cfg.loss.r1_interval == 1)
+
+
+def _lazy_r1_phase(t: "Trainer", b: StepBatch):
+    return lazy_r1_loss(t.energy, t.schedule, b, t.cfg.loss)
+
+
+def _generator_phase(t: "Trainer", b: StepBatch):
+    return generator_loss(t.energy, t.gen_enc, t.schedule, b, t.cfg.loss, t.terms)
+
+
+def build_phases(cfg: Config) -> list[Phase]:
+    """Energy step (R1 folded in unless lazy), the lazy R1 step if any, then the generator+encoder step."""
+    phases = [Phase("energy", "energy", _energy_phase)]
+    if cfg.loss.r1_interval > 1 and cfg.loss.r1_gamma > 0:
+        phases.append(Phase("energy_r1", "energy", _lazy_r1_phase, cfg.loss.r1_interval))
+    phases.append(Phase("generator", "generator", _generator_phase))
+    return phases
+
+
+def build_torch_engines(t: "Trainer") -> dict[str, TorchEngine]:
+    o = t.cfg.optim
+    return {"energy": TorchEngine(t.energy, o.lr_d, o), "generator": TorchEngine(t.gen_enc, o.lr_g, o)}
+
+
+class Trainer:
+    """Holds everything one training run mutates; `train_step` is one DDAEBM iteration."""
+
+    def __init__(self, cfg: Config, rank: int = 0, world: int = 1, engine_factory=build_torch_engines):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.terms = ABLATIONS[cfg.loss.ablation]
+        self.schedule = build_schedule(cfg.diffusion)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.energy = build_energy(cfg.model)
+        self.gen_enc = build_generator_encoder(cfg.model, with_encoder=self.terms.encoder)
+        self.engines = engine_factory(self)
+        self.modules = {"energy": self.energy, "generator": self.gen_enc}
+        self.ema = EMA(self.modules, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self.stream = build_stream(cfg.data, cfg.train.seed, rank, world)
+        self.rng = torch.Generator().manual_seed(cfg.train.seed * 7919 + 17 + rank)
+        self.phases = build_phases(cfg)
+        self.step = 0
+
+    def learning_rates(self) -> dict[str, float]:
+        o = self.cfg.optim
+        base = {"energy": o.lr_d, "generator": o.lr_g}
+        if o.lr_schedule == "constant":
+            return base
+        frac = min(self.step / self.cfg.train.steps, 1.0)
+        return {k: o.lr_min + (lr - o.lr_min) * 0.5 * (1 + math.cos(math.pi * frac)) for k, lr in base.items()}
+
+    def _train_only(self, engine_name: str) -> None:
+        for name, module in self.modules.items():
+            module.requires_grad_(name == engine_name)
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One iteration: draw the shared batch, run each due phase, update the EMA."""
+        if self.cfg.optim.lr_schedule != "constant":
+            for name, lr in self.learning_rates().items():
+                self.engines[name].set_lr(lr)
+        self._train_only("generator")  # the fake's graph to φ is kept for the generator phase
+        b = draw_step_batch(self.stream.next_batch(), self.schedule, self.gen_enc.generator, self.terms,
+                            self.cfg.model.nz, self.rng)
+        stats: dict[str, torch.Tensor] = {}
+        for phase in self.phases:
+            if self.step % phase.interval:
+                continue
+            engine = self.engines[phase.engine]
+            self._train_only(phase.engine)
+            loss, phase_stats = phase.loss(self, b)
+            engine.zero_grad()
+            engine.backward(loss)
+            engine.step()
+            stats.update(phase_stats)
+        if self.ema is not None:
+            self.ema.update(self.modules)
+        self.step += 1
+        return stats
+
+    # ---- what a checkpoint carries: everything a bit-exact continuation needs
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "config": to_dict(self.cfg),
+            "engines": {name: e.state_dict() for name, e in self.engines.items()},
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "stream": self.stream.state_dict(),
+            "rng": {"step": self.rng.get_state(), "torch": torch.get_rng_state()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        for name, engine in self.engines.items():
+            engine.load_state_dict(state["engines"][name])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ValueError("checkpoint has no EMA but optim.ema_decay > 0")
+            self.ema.load_state_dict(state["ema"])
+        self.stream.load_state_dict(state["stream"])
+        self.rng.set_state(state["rng"]["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def sampling_networks(self, use_ema: bool = True):
+        """(generator+encoder, energy) to sample and score with: the EMA copies when kept."""
+        if use_ema and self.ema is not None:
+            return self.ema.shadow["generator"], self.ema.shadow["energy"]
+        return self.gen_enc, self.energy
