@@ -27,7 +27,7 @@ def _train(args) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     state = prepare_run(cfg, run_dir, args.resume)
     print(to_yaml(cfg), end="", flush=True)
-    train(cfg, run_dir, state)
+    train(cfg, run_dir, state, slice_steps=args.slice_steps)
     return 0
 
 
@@ -103,12 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (resumes automatically from the run dir)",
-                       usage="ddaebm train CONFIG [--run-dir DIR] [--steps N] [--seed S] [--resume R] [key=value ...]")
+                       usage="ddaebm train CONFIG [--run-dir DIR] [--steps N] [--seed S] [--resume R]\n       [--slice-steps N] [key=value ...]")
     t.add_argument("config")
     t.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     t.add_argument("--steps", type=int, help="total training iterations (train.steps)")
     t.add_argument("--seed", type=int, help="train.seed")
     t.add_argument("--resume", default="auto", help="auto (default), never, or a checkpoint path")
+    t.add_argument("--slice-steps", type=int, help="stop (with a checkpoint) after this many iterations of this job")
     t.set_defaults(fn=_train)
 
     s = sub.add_parser("sample", help="draw samples with the 4-step sampler")

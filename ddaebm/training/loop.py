@@ -59,8 +59,12 @@ def prepare_run(cfg: Config, run_dir: Path, resume: str = "auto") -> dict | None
 
 
 def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, world: int = 1,
-          trainer: Trainer | None = None) -> Trainer:
-    """Train until cfg.train.steps, checkpointing, logging and plotting at the configured intervals."""
+          trainer: Trainer | None = None, slice_steps: int | None = None) -> Trainer:
+    """Train until cfg.train.steps, checkpointing, logging and plotting at the configured intervals.
+
+    `slice_steps` ends this invocation after that many iterations (with a checkpoint), so a scheduler can
+    chain jobs; the run continues, bit-identically, when the same command runs again.
+    """
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     lead = rank == 0
@@ -74,16 +78,17 @@ def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, 
     monitor.write(f"{'resumed at' if state else 'starting'} step {trainer.step}/{cfg.train.steps} in {run_dir}")
     if lead and trainer.step == 0:
         save_reals(trainer, run_dir)
-    while trainer.step < cfg.train.steps:
+    stop = cfg.train.steps if slice_steps is None else min(cfg.train.steps, trainer.step + slice_steps)
+    while trainer.step < stop:
         monitor.record(trainer.train_step())
         step = trainer.step
         monitor.step_done(step)
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+        if step % cfg.train.ckpt_every == 0 or step == stop:
             save_checkpoint(run_dir, step, trainer.state_dict(), cfg.train.keep_ckpts)
         if lead and (step % cfg.train.snapshot_every == 0 or step == cfg.train.steps):
             save_snapshot(trainer, run_dir, step)
     monitor.close()
-    if lead and cfg.train.eval_at_end:
+    if lead and cfg.train.eval_at_end and trainer.step == cfg.train.steps:
         evaluate_toy(trainer, run_dir)
     return trainer
 

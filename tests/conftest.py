@@ -1,0 +1,26 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+# Tiny settings that keep a training run to a second or two.
+TINY = ["model.hidden=32", "data.batch=32", "train.log_every=5", "train.ckpt_every=5", "train.snapshot_every=1000",
+        "eval.num_samples=500", "eval.grid=40"]
+
+
+@pytest.fixture
+def cli_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(args, cwd, env):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "ddaebm", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)

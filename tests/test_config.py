@@ -1,0 +1,57 @@
+"""Config loading: typed schema, base chains, overrides, and errors that name the key at fault."""
+
+import pytest
+
+from ddaebm.config import ConfigError, config_from_dict, experiment_differences, load_config, to_dict
+from tests.conftest import CONFIGS
+
+
+def test_toy_configs_load_and_name_after_file():
+    for name in ("25gaussians", "pinwheel", "swissroll", "8gaussians", "checkerboard", "2spirals", "rings",
+                 "moons", "circles"):
+        cfg = load_config(CONFIGS / "toy" / f"{name}.yaml")
+        assert cfg.name == name and cfg.data.dataset == name
+        assert cfg.diffusion.beta_max == 20.0  # the toy schedule that ends at noise (SPEC §1.7)
+
+
+def test_overrides_win_and_keep_types():
+    cfg = load_config(CONFIGS / "toy" / "25gaussians.yaml", ["loss.r1_gamma=0.5", "train.steps=7",
+                                                              "diffusion.clamp_beta=0.99"])
+    assert cfg.loss.r1_gamma == 0.5 and isinstance(cfg.loss.r1_gamma, float)
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.diffusion.clamp_beta == 0.99
+
+
+@pytest.mark.parametrize("override, names", [
+    ("loss.nope=1", "loss.nope"),
+    ("train.steps=abc", "train.steps"),
+    ("loss.ablation=bogus", "loss.ablation"),
+    ("diffusion.grid=linear", "diffusion.grid"),
+    ("data.batch=0", "data.batch"),
+    ("train.steps", "key=value"),
+])
+def test_bad_overrides_name_the_key(override, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config(CONFIGS / "toy" / "25gaussians.yaml", [override])
+
+
+def test_missing_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: {r1_gamma: [1, 2]}\n")
+    with pytest.raises(ConfigError, match="r1_gamma"):
+        load_config(bad)
+    cyc = tmp_path / "cyc.yaml"
+    cyc.write_text("base: cyc.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(cyc)
+
+
+def test_round_trip_and_experiment_differences():
+    cfg = load_config(CONFIGS / "toy" / "pinwheel.yaml")
+    assert config_from_dict(to_dict(cfg)) == cfg
+    longer = load_config(CONFIGS / "toy" / "pinwheel.yaml", ["train.steps=99999", "eval.grid=50"])
+    assert experiment_differences(to_dict(cfg), longer) == []
+    other = load_config(CONFIGS / "toy" / "pinwheel.yaml", ["loss.r1_gamma=0.1"])
+    assert [d.split(":")[0] for d in experiment_differences(to_dict(cfg), other)] == ["loss.r1_gamma"]
