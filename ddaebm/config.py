@@ -33,7 +33,10 @@ class DiffusionConfig:
     """Time grid: 'eps' (t_j = ε + (1−ε)j/T) or 'drl' (LSUN, SPEC §1.2)."""
     eps: float = 1e-3
     variance: str = "vp"
-    """'vp' (discretised VP-SDE) or 'geometric' (SPEC §1.3)."""
+    """'vp' (discretised VP-SDE), 'geometric' (SPEC §1.3), or 'explicit' (the list `variances`)."""
+    variances: Optional[list[float]] = None
+    """With variance='explicit': var(t_0) … var(t_T), increasing inside (0, 1); the time grid then only
+    places the importance weight w(t)."""
     first_beta: str = "var_t0"
     """β_0: 'var_t0' (DDAEBM: the k = 0 target is data plus N(0, var(t_0))) or 'ddgan' (1e-8)."""
     clamp_beta: Optional[float] = 0.999
@@ -164,7 +167,7 @@ class Config:
 # Values a key may take where the type alone does not say it (checked after merging).
 CHOICES = {
     "diffusion.grid": ("eps", "drl"),
-    "diffusion.variance": ("vp", "geometric"),
+    "diffusion.variance": ("vp", "geometric", "explicit"),
     "diffusion.first_beta": ("var_t0", "ddgan"),
     "model.arch": ("toy",),
     "model.gen_norm": ("batch", "none"),
@@ -211,9 +214,21 @@ def _check_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    _check_variances(cfg.diffusion)
     for key in ("data.batch", "train.steps", "diffusion.num_steps", "model.nz", "loss.r1_interval"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be ≥ 1, got {OmegaConf.select(cfg, key)}")
+
+
+def _check_variances(d: DictConfig) -> None:
+    if d.variance != "explicit":
+        return
+    v = d.variances
+    if v is None or len(v) != d.num_steps + 1:
+        raise ConfigError(f"diffusion.variances must list num_steps + 1 = {d.num_steps + 1} values for "
+                          f"diffusion.variance=explicit, got {None if v is None else list(v)}")
+    if not all(0 < a < b < 1 for a, b in zip(v[:-1], v[1:])) or not 0 < v[-1] < 1:
+        raise ConfigError(f"diffusion.variances must increase strictly inside (0, 1), got {list(v)}")
 
 
 def _schema_error(err: OmegaConfBaseException, origin: str) -> ConfigError:

@@ -69,7 +69,10 @@ class Schedule:
 def build_schedule(cfg: DiffusionConfig) -> Schedule:
     """The schedule of SPEC §1.4-1.6, computed in float64 and stored in float32."""
     t = time_grid(cfg.num_steps, cfg.grid, cfg.eps)
-    var = marginal_variance(t, cfg.beta_min, cfg.beta_max, cfg.variance)
+    if cfg.variance == "explicit":
+        var = torch.tensor(cfg.variances, dtype=torch.float64)
+    else:
+        var = marginal_variance(t, cfg.beta_min, cfg.beta_max, cfg.variance)
     alpha_bar_raw = 1.0 - var
     beta = torch.empty_like(t)
     beta[0] = var[0] if cfg.first_beta == "var_t0" else DDGAN_FIRST_BETA
