@@ -50,7 +50,7 @@ def _run_dir(path: str) -> Path:
 def _sample(args) -> int:
     import numpy as np
 
-    from ddaebm.training.loop import generate, trainer_from_run
+    from ddaebm.evaluate import generate, trainer_from_run
 
     if args.num < 1:
         raise ConfigError(f"--num must be ≥ 1, got {args.num}")
@@ -66,7 +66,7 @@ def _density(args) -> int:
     import numpy as np
 
     from ddaebm.plots import save_density
-    from ddaebm.training.loop import density, trainer_from_run
+    from ddaebm.evaluate import density, trainer_from_run
 
     lo, hi = args.range
     if args.grid < 2 or not lo < hi:
@@ -81,7 +81,7 @@ def _density(args) -> int:
 
 
 def _eval(args) -> int:
-    from ddaebm.training.loop import evaluate_toy, trainer_from_run
+    from ddaebm.evaluate import evaluate_toy, trainer_from_run
 
     run_dir = _run_dir(args.run_dir)
     lo, hi = args.range if args.range else (None, None)

@@ -23,6 +23,18 @@ def bn_mode(module: nn.Module, train: bool):
 
 
 @torch.no_grad()
+def denoise(generator: nn.Module, s: Schedule, x: torch.Tensor, from_step: int, nz: int, rng: torch.Generator,
+            use_latent: bool = True) -> torch.Tensor:
+    """x_0 from x = x_{from_step+1} through the generator steps k = from_step … 0 (SPEC §7.1)."""
+    n = x.shape[0]
+    for step in reversed(range(from_step + 1)):
+        k = torch.full((n,), step, dtype=torch.long)
+        z = torch.randn((n, nz), generator=rng) if use_latent else torch.zeros(n, nz)
+        x = posterior_sample(s, generator(x, k, z), x, k, torch.randn(x.shape, generator=rng))
+    return x
+
+
+@torch.no_grad()
 def sample(generator: nn.Module, s: Schedule, num: int, data_shape: tuple[int, ...], nz: int,
            rng: torch.Generator, use_latent: bool = True, batch: int = 10_000,
            bn_train: bool = False) -> torch.Tensor:
@@ -32,11 +44,7 @@ def sample(generator: nn.Module, s: Schedule, num: int, data_shape: tuple[int, .
         for start in range(0, num, batch):
             n = min(batch, num - start)
             x = torch.randn((n, *data_shape), generator=rng)
-            for step in reversed(range(s.num_steps)):
-                k = torch.full((n,), step, dtype=torch.long)
-                z = torch.randn((n, nz), generator=rng) if use_latent else torch.zeros(n, nz)
-                x = posterior_sample(s, generator(x, k, z), x, k, torch.randn(x.shape, generator=rng))
-            chunks.append(x)
+            chunks.append(denoise(generator, s, x, s.num_steps - 1, nz, rng, use_latent))
     return torch.cat(chunks)
 
 

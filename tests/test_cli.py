@@ -51,7 +51,7 @@ def test_density_grid_orientation(tmp_path, cli_env):
     import torch
 
     from ddaebm.config import load_config
-    from ddaebm.training.loop import density
+    from ddaebm.evaluate import density
     from ddaebm.training.trainer import Trainer
 
     trainer = Trainer(load_config(CFG, TINY))

@@ -9,7 +9,8 @@ import torch
 from ddaebm.config import load_config
 from ddaebm.data.toy import sample_toy, toy_modes
 from ddaebm.metrics.toy import mode_stats
-from ddaebm.training.loop import generate, train
+from ddaebm.evaluate import generate
+from ddaebm.training.loop import train
 from tests.conftest import CONFIGS
 
 
