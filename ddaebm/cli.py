@@ -2,6 +2,12 @@
 
 Bad input (unknown key, wrong type, missing file, a run dir without checkpoint) ends with a one-line
 `ddaebm: error: ...` on stderr, exit status 2, and nothing written.
+
+`train` runs on one process, or on every rank of a launcher with `dist.backend=deepspeed`:
+    torchrun --nproc_per_node 2 -m ddaebm train CONFIG dist.backend=deepspeed [dist.zero_stage=1] [...]
+Exit status: 0 done (or --slice-steps reached), 2 bad input, 143 preempted by SIGTERM/SIGUSR1 after a
+checkpoint (run the same command again to resume), 3 stopped by train.max_nonfinite, 1 any other failure
+(on several ranks: a dead peer or a collective timeout, dist.timeout_s).
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from pathlib import Path
 from ddaebm.config import ConfigError, load_config, to_yaml
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 
 def _train(args) -> int:
-    from ddaebm.training.loop import default_run_dir, prepare_run, train
+    from ddaebm import distributed
+    from ddaebm.training.loop import default_run_dir, prepare_run
 
     overrides = list(args.overrides)
     if args.steps is not None:
@@ -24,10 +32,45 @@ def _train(args) -> int:
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
     cfg = load_config(args.config, overrides)
+    env = distributed.discover()
+    if cfg.data.batch % env.world:
+        raise ConfigError(f"data.batch={cfg.data.batch} is the global batch and must divide over the "
+                          f"{env.world} ranks (per-rank batch = data.batch / world)")
+    if cfg.dist.backend == "torch" and env.world > 1:
+        raise ConfigError(f"dist.backend=torch trains in one process; add dist.backend=deepspeed for {env.world} ranks")
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    state = prepare_run(cfg, run_dir, args.resume)
-    print(to_yaml(cfg), end="", flush=True)
-    train(cfg, run_dir, state, slice_steps=args.slice_steps)
+    state = prepare_run(cfg, run_dir, args.resume, warn=env.lead)
+    if env.lead:
+        print(to_yaml(cfg), end="", flush=True)
+    if not distributed.needs_group(env, cfg.dist.backend):
+        return _train_here(cfg, run_dir, state, env, args.slice_steps)
+    # With a process group, every exit goes through distributed.shutdown/abort (never returns).
+    try:
+        distributed.init(env, cfg.dist.backend, cfg.dist.timeout_s)
+        code = _train_here(cfg, run_dir, state, env, args.slice_steps)
+    except (ConfigError, ValueError) as err:  # e.g. fp16 on a device without it: bad input, one line
+        print(f"ddaebm: error: {err}", file=sys.stderr)
+        distributed.abort(EXIT_USAGE)
+    except BaseException:  # noqa: BLE001 - a dead peer, a timeout, Ctrl-C: leave now, do not wait for others
+        import traceback
+
+        traceback.print_exc()
+        print(f"ddaebm: error: rank {env.rank}/{env.world} failed", file=sys.stderr)
+        distributed.abort(EXIT_FAILED)
+    distributed.shutdown(code)
+
+
+def _train_here(cfg, run_dir, state, env, slice_steps) -> int:
+    from ddaebm.training.loop import train
+    from ddaebm.training.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteStop, Preempted
+
+    try:
+        train(cfg, run_dir, state, env.rank, env.world, slice_steps=slice_steps)
+    except Preempted:
+        return EXIT_PREEMPTED
+    except NonFiniteStop as err:
+        print(f"ddaebm: error: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
     return 0
 
 

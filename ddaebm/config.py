@@ -133,6 +133,28 @@ class TrainConfig:
     ckpt_every: int = 2000
     keep_ckpts: int = 3
     eval_at_end: bool = True
+    max_nonfinite: int = 10
+    """Stop the run after this many consecutive iterations with a NaN/Inf loss (each one is skipped and
+    counted); the last good checkpoint is kept. 0: never stop."""
+
+
+@dataclass
+class DistConfig:
+    """How the iterations run: one process (torch) or DeepSpeed engines over the ranks of the launcher."""
+
+    backend: str = "torch"
+    """'torch' (one process, torch Adam) or 'deepspeed' (any number of ranks; ddaebm/training/deepspeed_engine.py)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0, 1 or 2 (1/2 partition the optimizer state; resume at another world size then goes
+    through a universal checkpoint, converted automatically)."""
+    precision: str = "fp32"
+    """'fp32', 'bf16' (DeepSpeed backend: the networks run under bf16 autocast; weights, Adam, losses and the R1
+    penalty stay fp32) or 'fp16' (DeepSpeed's fp16 mode with dynamic loss scaling; needs a device with fp16
+    support, which this CPU lacks)."""
+    grad_clip: float = 0.0
+    """Clip each engine's global gradient norm to this; 0 = off."""
+    timeout_s: int = 300
+    """Collective timeout: a rank that dies makes the others fail after at most this long instead of hanging."""
 
 
 @dataclass
@@ -162,6 +184,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # Values a key may take where the type alone does not say it (checked after merging).
@@ -176,11 +199,17 @@ CHOICES = {
     "loss.recon_mode": ("elbo_encoder", "mse_prior_z"),
     "loss.r1_target": ("full_conditional", "energy_only"),
     "optim.lr_schedule": ("constant", "cosine"),
+    "dist.backend": ("torch", "deepspeed"),
+    "dist.zero_stage": (0, 1, 2),
+    "dist.precision": ("fp32", "bf16", "fp16"),
 }
 
-# Keys that may change when a run resumes without making it a different experiment.
+# Keys that may change when a run resumes without making it a different experiment. The world size is no key
+# (it comes from the launcher), so a requeue on another number of ranks resumes; the collective timeout and
+# the non-finite budget are operational. Backend, ZeRO stage, precision and clipping change the run: not here.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.snapshot_every", "train.ckpt_every",
-                     "train.keep_ckpts", "train.threads", "train.eval_at_end", "eval", "sample")
+                     "train.keep_ckpts", "train.threads", "train.eval_at_end", "train.max_nonfinite",
+                     "dist.timeout_s", "eval", "sample")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -213,8 +242,10 @@ def _check_choices(cfg: DictConfig) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
     _check_variances(cfg.diffusion)
+    if cfg.dist.grad_clip < 0 or cfg.dist.timeout_s < 1 or cfg.train.max_nonfinite < 0:
+        raise ConfigError("dist.grad_clip and train.max_nonfinite must be ≥ 0, dist.timeout_s ≥ 1")
     for key in ("data.batch", "train.steps", "diffusion.num_steps", "model.nz", "loss.r1_interval"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be ≥ 1, got {OmegaConf.select(cfg, key)}")
@@ -294,7 +325,9 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def experiment_differences(saved: dict, current: Config) -> list[str]:
     """Keys whose values differ between a saved run's config and this one, ignoring RESUMABLE_CHANGES."""
-    a, b = _flatten(saved), _flatten(to_dict(current))
+    # A key the saved run did not know yet (added to the schema since) had its default value there.
+    a = {**_flatten(dataclasses.asdict(Config(name=""))), **_flatten(saved)}
+    b = _flatten(to_dict(current))
     keys = sorted(set(a) | set(b))
     allowed = lambda k: any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)  # noqa: E731
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k) and not allowed(k)]

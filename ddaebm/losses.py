@@ -54,14 +54,20 @@ class StepBatch:
 
 
 def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: Terms, nz: int,
-                    rng: torch.Generator) -> StepBatch:
-    """Draw k, the real pair and the generator's fake x̃_k for one iteration (SPEC §1.5, §3, §5)."""
+                    rng: torch.Generator, rank: int = 0, world: int = 1) -> StepBatch:
+    """Draw k, the real pair and the generator's fake x̃_k for one iteration (SPEC §1.5, §3, §5).
+
+    x0 is this rank's slice of a global batch of world·len(x0) rows. Every rank draws k and the noises for the
+    whole global batch (the same generator state everywhere) and keeps its rows, so a run is the same at any
+    world size and resumes exactly on another one.
+    """
     n = x0.shape[0]
-    k = torch.randint(0, s.num_steps, (n,), generator=rng)
-    noise = torch.randn((3, *x0.shape), generator=rng)
+    total, rows = n * world, slice(rank * n, (rank + 1) * n)
+    k = torch.randint(0, s.num_steps, (total,), generator=rng)[rows]
+    noise = torch.randn((3, total, *x0.shape[1:]), generator=rng)[:, rows]
+    z = (torch.randn((total, nz), generator=rng) if terms.latent else torch.zeros(total, nz))[rows]
+    enc_noise = torch.randn((total, nz), generator=rng)[rows]
     x_k, x_k1 = diffuse_pair(s, x0, k, noise[0], noise[1])
-    z = torch.randn((n, nz), generator=rng) if terms.latent else torch.zeros(n, nz)
-    enc_noise = torch.randn((n, nz), generator=rng)
     x0_fake = generator(x_k1, k, z)
     x_fake = posterior_sample(s, x0_fake, x_k1, k, noise[2])
     return StepBatch(k=k, x_k=x_k.requires_grad_(True), x_k1=x_k1, z=z, x0_fake=x0_fake, x_fake=x_fake,

@@ -10,24 +10,28 @@ from ddaebm.config import DataConfig
 class ToyStream:
     """A fresh batch of a 2-D toy distribution every iteration (SPEC §9: infinite data, no fixed set).
 
-    Each rank seeds its own generator, so ranks draw different data; the generator state is the stream's
-    position, so a resumed run continues the exact sequence.
+    Every rank draws the same global batch from the same generator and keeps its own slice, so ranks train on
+    different data and the run sees the same global sequence at any world size (edm2's idea): a resume on
+    another number of ranks continues it exactly. Drawing 2-D points is cheap next to a training step. The
+    generator state is the stream's position, identical on all ranks.
     """
 
     data_shape = (2,)
 
-    def __init__(self, dataset: str, batch: int, seed: int, rank: int = 0):
+    def __init__(self, dataset: str, batch: int, seed: int, rank: int = 0, world: int = 1):
         from ddaebm.data.toy import TOY_DATASETS
 
         if dataset not in TOY_DATASETS:
             raise ValueError(f"data.dataset={dataset!r} is not a toy dataset ({', '.join(TOY_DATASETS)})")
-        self.dataset, self.batch = dataset, batch
-        self.rng = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        self.dataset, self.batch, self.rank, self.world = dataset, batch, rank, world
+        self.rng = torch.Generator().manual_seed(seed * 1_000_003)
 
     def next_batch(self) -> torch.Tensor:
+        """This rank's slice of the next global batch (the global batch itself on one rank)."""
         from ddaebm.data.toy import sample_toy
 
-        return sample_toy(self.dataset, self.batch, self.rng)
+        x = sample_toy(self.dataset, self.batch * self.world, self.rng)
+        return x if self.world == 1 else x[self.rank * self.batch:(self.rank + 1) * self.batch]
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.get_state()}
@@ -38,5 +42,6 @@ class ToyStream:
 
 def build_stream(cfg: DataConfig, seed: int, rank: int = 0, world: int = 1) -> ToyStream:
     if cfg.batch % world:
-        raise ValueError(f"data.batch={cfg.batch} does not divide over {world} ranks")
-    return ToyStream(cfg.dataset, cfg.batch // world, seed, rank)
+        raise ValueError(f"data.batch={cfg.batch} (the global batch) does not divide over {world} ranks; "
+                         f"choose a multiple of {world}")
+    return ToyStream(cfg.dataset, cfg.batch // world, seed, rank, world)

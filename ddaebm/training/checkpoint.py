@@ -2,25 +2,40 @@
 
 A checkpoint is written into a temporary folder and renamed into place only when complete, then the
 pointer is replaced atomically; so a job killed mid-save leaves the previous checkpoint as the newest
-complete one. Only the last `keep` checkpoints are kept.
+complete one. Only the last `keep` checkpoints are kept. A `manifest.json` lists every file's size and
+sha256; resume verifies it and falls back to the previous checkpoint when the newest is truncated or
+corrupted. Under DeepSpeed every rank writes its engine shards into `engines/<name>/` of the same temporary
+folder (`save_checkpoint_ranks`); rank 0 writes state.pt, the manifest, the rename and the pointer only after
+all ranks finished.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
+from ddaebm import distributed
+
 STATE_FILE = "state.pt"
+MANIFEST = "manifest.json"
 POINTER = "latest"
+ENGINES = "engines"
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (corrupted or truncated) in favour of an older one."""
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -37,23 +52,69 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_state(folder: Path, state: dict) -> None:
+    with open(folder / STATE_FILE, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _publish(run_dir: Path, tmp: Path, final: Path, keep: int) -> None:
+    """Seal a fully written temporary folder: manifest, rename into place, pointer, pruning."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): [p.stat().st_size, _sha256(p)] for p in files}
+    write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=0))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_atomic(checkpoint_root(run_dir) / POINTER, final.name + "\n")
+    for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """Write `state` as the checkpoint of `step`, point `latest` at it and prune old ones."""
+    """Write `state` as the checkpoint of `step`, point `latest` at it and prune old ones (one process)."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:09d}"
     tmp = root / f".{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    write_atomic(root / POINTER, final.name + "\n")
-    for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    _write_state(tmp, state)
+    _publish(run_dir, tmp, final, keep)
+    return final
+
+
+def save_checkpoint_ranks(run_dir: Path, step: int, trainer, keep: int, lead: bool) -> Path:
+    """Collective save: every rank writes its engine shards, then rank 0 seals the checkpoint.
+
+    The temporary folder's name is the same on all ranks (they write into one folder). The checkpoint
+    exists for resume only once rank 0 renamed it after the barrier that follows every rank's writes.
+    """
+    root = checkpoint_root(run_dir)
+    final = root / f"step-{step:09d}"
+    tmp = root / f".{final.name}.tmp"
+    if lead:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    distributed.barrier()
+    for name, engine in trainer.engines.items():
+        engine.save(tmp / ENGINES / name)
+    state = trainer.state_dict()
+    if lead:
+        _write_state(tmp, state)
+    distributed.barrier()  # every rank's shards are on disk
+    if lead:
+        _publish(run_dir, tmp, final, keep)
+    distributed.barrier()  # nobody moves on (or exits after a preemption) before the pointer is written
     return final
 
 
@@ -64,6 +125,40 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError when a file listed in the manifest is missing, truncated or altered."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():  # written before manifests existed: only the load check applies
+        return
+    try:
+        listed = json.loads(manifest.read_text())
+    except ValueError:
+        raise CheckpointError(f"{manifest} is not valid JSON") from None
+    for rel, (size, digest) in listed.items():
+        file = Path(path) / rel
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"{file} has {file.stat().st_size} bytes, {size} were written")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"{file} does not match its sha256")
+
+
+def newest_valid_checkpoint(run_dir: Path, warn: bool = True) -> tuple[Path, dict] | None:
+    """(path, state) of the newest checkpoint that verifies and loads; a bad one is reported and skipped."""
+    newest = latest_checkpoint(run_dir)
+    candidates = [newest] + [p for p in reversed(complete_checkpoints(run_dir)) if p != newest] if newest else []
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+            return path, load_checkpoint(path)
+        except CheckpointError as err:
+            if warn:
+                warnings.warn(f"skipping checkpoint {path}: {err}; trying the previous one", CheckpointWarning,
+                              stacklevel=2)
+    return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

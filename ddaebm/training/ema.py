@@ -16,13 +16,15 @@ from torch import nn
 class EMA:
     def __init__(self, modules: dict[str, nn.Module], decay: float):
         self.decay = decay
-        self.shadow = {name: copy.deepcopy(m).requires_grad_(False).eval() for name, m in modules.items()}
+        # fp32 shadows even when the engines train in bf16: a half-precision average loses small updates.
+        self.shadow = {name: copy.deepcopy(m).float().requires_grad_(False).eval() for name, m in modules.items()}
 
     @torch.no_grad()
     def update(self, modules: dict[str, nn.Module]) -> None:
         for name, module in modules.items():
             shadow = self.shadow[name]
-            torch._foreach_lerp_(list(shadow.parameters()), list(module.parameters()), 1.0 - self.decay)
+            params = [p if p.dtype == torch.float32 else p.float() for p in module.parameters()]
+            torch._foreach_lerp_(list(shadow.parameters()), params, 1.0 - self.decay)
             for b_ema, b in zip(shadow.buffers(), module.buffers()):
                 b_ema.copy_(b)
 

@@ -16,9 +16,10 @@ from ddaebm.config import OptimConfig
 class TorchEngine:
     """A module and its Adam(β1, β2) without weight decay (SPEC §5), in one process."""
 
-    def __init__(self, module: nn.Module, lr: float, cfg: OptimConfig):
-        self.module = module
+    def __init__(self, module: nn.Module, lr: float, cfg: OptimConfig, grad_clip: float = 0.0):
+        self.module, self.grad_clip = module, grad_clip
         params = [p for p in module.parameters() if p.requires_grad]
+        self.params = params
         self.optimizer = torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                           weight_decay=0.0, fused=cfg.fused or None)
 
@@ -29,6 +30,8 @@ class TorchEngine:
         loss.backward()
 
     def step(self) -> None:
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
 
     def set_lr(self, lr: float) -> None:
@@ -40,4 +43,5 @@ class TorchEngine:
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:  # None: weights of a DeepSpeed run, restored to sample or evaluate
+            self.optimizer.load_state_dict(state["optimizer"])

@@ -1,20 +1,25 @@
 """The training loop around a Trainer: run directory, resume, intervals, snapshots, final evaluation.
 
 To resume, run the same command again: `resume='auto'` continues from the newest complete checkpoint in the
-run directory (after checking that it is the same experiment), or starts fresh when there is none.
+run directory that verifies (after checking that it is the same experiment), or starts fresh when there is
+none. The same loop runs on one process or on every rank of a launcher; only rank 0 writes logs, plots and
+pointers, every rank takes part in checkpoints.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
+from ddaebm import distributed
 from ddaebm.config import Config, ConfigError, experiment_differences, to_yaml
 from ddaebm.evaluate import evaluate_toy, save_reals, save_snapshot
-from ddaebm.training.checkpoint import (complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                        write_atomic)
+from ddaebm.training.checkpoint import (ENGINES, complete_checkpoints, load_checkpoint, newest_valid_checkpoint,
+                                        save_checkpoint, save_checkpoint_ranks, verify_checkpoint, write_atomic)
 from ddaebm.training.monitor import Monitor
+from ddaebm.training.preemption import NonFiniteStop, Preempted, stop_signals
 from ddaebm.training.trainer import Trainer
 
 
@@ -22,10 +27,10 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / cfg.name
 
 
-def resolve_resume(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to continue from: 'auto' (newest complete, or none), 'never', or a checkpoint path."""
+def resolve_resume(run_dir: Path, resume: str, warn: bool = True) -> tuple[Path, dict] | None:
+    """The checkpoint to continue from and its state: 'auto' (newest valid, or none), 'never', or a path."""
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        return newest_valid_checkpoint(run_dir, warn)
     if resume == "never":
         if complete_checkpoints(run_dir):
             raise ConfigError(f"{run_dir} already holds checkpoints; use --resume auto or another --run-dir")
@@ -33,7 +38,9 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     path = Path(resume)
     if not path.exists():
         raise ConfigError(f"--resume {resume}: no such checkpoint")
-    return path
+    if path.is_dir():
+        verify_checkpoint(path)
+    return path, load_checkpoint(path)
 
 
 def check_same_experiment(saved_config: dict, cfg: Config, where: Path) -> None:
@@ -43,17 +50,60 @@ def check_same_experiment(saved_config: dict, cfg: Config, where: Path) -> None:
                           "use another --run-dir or the same config")
 
 
-def prepare_run(cfg: Config, run_dir: Path, resume: str = "auto") -> dict | None:
+def prepare_run(cfg: Config, run_dir: Path, resume: str = "auto", warn: bool = True) -> dict | None:
     """Validate the run directory against `cfg` and return the checkpoint state to resume from, if any.
 
+    The state carries its folder under "checkpoint_dir" (a DeepSpeed run loads its engine shards from there).
     Raises ConfigError before anything is written, so bad input leaves the disk untouched.
     """
-    ckpt = resolve_resume(run_dir, resume)
-    if ckpt is None:
+    found = resolve_resume(run_dir, resume, warn)
+    if found is None:
         return None
-    state = load_checkpoint(ckpt)
+    ckpt, state = found
     check_same_experiment(state["config"], cfg, ckpt)
+    state["checkpoint_dir"] = str(ckpt)
     return state
+
+
+def _engine_factory(cfg: Config, state: dict | None, world: int, lead: bool):
+    """The engines' builder; for ZeRO 1/2 resumed on another world size, after a universal conversion."""
+    if cfg.dist.backend == "torch":
+        if world > 1:
+            raise ConfigError("dist.backend=torch trains in one process; use dist.backend=deepspeed for "
+                              f"{world} ranks")
+        return None
+    from ddaebm.training.deepspeed_engine import build_deepspeed_engines, convert_to_universal
+
+    universal = state is not None and cfg.dist.zero_stage > 0 and state.get("world", 1) != world
+    if universal:
+        folder = Path(state["checkpoint_dir"]) / ENGINES
+        if lead:
+            for name in ("energy", "generator"):
+                convert_to_universal(folder / name)
+        distributed.barrier()
+    return functools.partial(build_deepspeed_engines, load_universal=universal)
+
+
+def build_trainer(cfg: Config, state: dict | None, rank: int = 0, world: int = 1) -> Trainer:
+    """A Trainer on the configured backend, restored from `state` (and its engine folders) when given."""
+    factory = _engine_factory(cfg, state, world, rank == 0)
+    trainer = Trainer(cfg, rank, world) if factory is None else Trainer(cfg, rank, world, factory)
+    if state is not None:
+        trainer.load_state_dict(state)
+        if factory is not None:
+            folder = Path(state["checkpoint_dir"]) / ENGINES
+            universal = factory.keywords["load_universal"]
+            for name, engine in trainer.engines.items():
+                engine.load(folder / name, universal)
+    return trainer
+
+
+def _save(trainer: Trainer, run_dir: Path, step: int, lead: bool) -> None:
+    keep = trainer.cfg.train.keep_ckpts
+    if trainer.cfg.dist.backend == "torch":
+        save_checkpoint(run_dir, step, trainer.state_dict(), keep)
+    else:
+        save_checkpoint_ranks(run_dir, step, trainer, keep, lead)
 
 
 def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, world: int = 1,
@@ -61,31 +111,54 @@ def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, 
     """Train until cfg.train.steps, checkpointing, logging and plotting at the configured intervals.
 
     `slice_steps` ends this invocation after that many iterations (with a checkpoint), so a scheduler can
-    chain jobs; the run continues, bit-identically, when the same command runs again.
+    chain jobs; the run continues, bit-identically, when the same command runs again. SIGTERM or SIGUSR1
+    finish the current iteration, checkpoint and raise Preempted; `train.max_nonfinite` consecutive NaN/Inf
+    iterations raise NonFiniteStop without a checkpoint, so the last good one stays the newest.
     """
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     lead = rank == 0
-    trainer = trainer or Trainer(cfg, rank, world)
-    if state is not None:
+    if trainer is None:
+        trainer = build_trainer(cfg, state, rank, world)
+    elif state is not None:
         trainer.load_state_dict(state)
     run_dir.mkdir(parents=True, exist_ok=True)
     if lead:
         write_atomic(run_dir / "config.yaml", to_yaml(cfg))
-    monitor = Monitor(run_dir, cfg.train.steps, trainer.step, cfg.data.batch, cfg.train.log_every, lead)
-    monitor.write(f"{'resumed at' if state else 'starting'} step {trainer.step}/{cfg.train.steps} in {run_dir}")
+    reduce = distributed.mean_over_ranks if world > 1 else None
+    monitor = Monitor(run_dir, cfg.train.steps, trainer.step, cfg.data.batch, cfg.train.log_every, lead, reduce)
+    monitor.write(f"{'resumed at' if state else 'starting'} step {trainer.step}/{cfg.train.steps} in {run_dir}"
+                  + (f" on {world} ranks" if world > 1 else ""))
     if lead and trainer.step == 0:
         save_reals(trainer, run_dir)
     stop = cfg.train.steps if slice_steps is None else min(cfg.train.steps, trainer.step + slice_steps)
-    while trainer.step < stop:
-        monitor.record(trainer.train_step())
-        step = trainer.step
-        monitor.step_done(step)
-        if step % cfg.train.ckpt_every == 0 or step == stop:
-            save_checkpoint(run_dir, step, trainer.state_dict(), cfg.train.keep_ckpts)
-        if lead and (step % cfg.train.snapshot_every == 0 or step == cfg.train.steps):
-            save_snapshot(trainer, run_dir, step)
+    with stop_signals() as signalled:
+        while trainer.step < stop:
+            monitor.record(trainer.train_step())
+            step = trainer.step
+            monitor.step_done(step)
+            _check_nonfinite(trainer, monitor)
+            preempted = distributed.any_rank(signalled.is_set())
+            healthy = trainer.nonfinite_streak == 0  # never checkpoint in the middle of a NaN streak
+            if healthy and (step % cfg.train.ckpt_every == 0 or step == stop or preempted):
+                _save(trainer, run_dir, step, lead)
+            if lead and (step % cfg.train.snapshot_every == 0 or step == cfg.train.steps):
+                save_snapshot(trainer, run_dir, step)
+            if preempted:
+                monitor.write(f"preempted ({signalled.name}): stopped at step {step} with a checkpoint")
+                monitor.close()
+                raise Preempted(step)
     monitor.close()
     if lead and cfg.train.eval_at_end and trainer.step == cfg.train.steps:
         evaluate_toy(trainer, run_dir)
     return trainer
+
+
+def _check_nonfinite(trainer: Trainer, monitor: Monitor) -> None:
+    limit, streak = trainer.cfg.train.max_nonfinite, trainer.nonfinite_streak
+    if streak:
+        monitor.write(f"step {trainer.step}: non-finite loss, update skipped ({trainer.nonfinite_total} so far)")
+    if limit and streak >= limit:
+        monitor.close()
+        raise NonFiniteStop(f"{streak} consecutive iterations with a non-finite loss (train.max_nonfinite="
+                            f"{limit}); stopped at step {trainer.step}, the last good checkpoint is kept")

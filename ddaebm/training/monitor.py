@@ -16,7 +16,9 @@ import torch
 
 class Monitor:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, batch: int, log_every: int,
-                 enabled: bool = True):
+                 enabled: bool = True, reduce=None):
+        """`reduce` averages a tensor of interval means over ranks (all ranks call step_done at the same steps)."""
+        self.reduce = reduce
         self.path = Path(run_dir) / "stats.jsonl"
         self.total, self.batch, self.log_every, self.enabled = total_steps, batch, log_every, enabled
         self.pending: dict[str, list[torch.Tensor]] = {}
@@ -40,7 +42,10 @@ class Monitor:
         now = time.perf_counter()
         row = {"step": step, "kimg": step * self.batch / 1000,
                "sec_per_step": (now - self.t_last) / max(step - self.step_last, 1)}
-        row.update({key: torch.stack(values).mean().item() for key, values in self.pending.items()})
+        means = [torch.stack(values).float().mean() for values in self.pending.values()]
+        if self.reduce is not None and means:  # one collective for all keys
+            means = list(self.reduce(torch.stack(means)))
+        row.update({key: m.item() for key, m in zip(self.pending, means)})
         self.pending.clear()
         self.t_last, self.step_last = now, step
         if self.enabled:

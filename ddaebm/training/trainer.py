@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ddaebm import distributed
 from ddaebm.config import Config, to_dict
 from ddaebm.data.stream import build_stream
 from ddaebm.diffusion.schedule import build_schedule
@@ -54,8 +55,8 @@ def build_phases(cfg: Config) -> list[Phase]:
 
 
 def build_torch_engines(t: "Trainer") -> dict[str, TorchEngine]:
-    o = t.cfg.optim
-    return {"energy": TorchEngine(t.energy, o.lr_d, o), "generator": TorchEngine(t.gen_enc, o.lr_g, o)}
+    o, clip = t.cfg.optim, t.cfg.dist.grad_clip
+    return {"energy": TorchEngine(t.energy, o.lr_d, o, clip), "generator": TorchEngine(t.gen_enc, o.lr_g, o, clip)}
 
 
 class Trainer:
@@ -72,9 +73,12 @@ class Trainer:
         self.modules = {"energy": self.energy, "generator": self.gen_enc}
         self.ema = EMA(self.modules, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.stream = build_stream(cfg.data, cfg.train.seed, rank, world)
-        self.rng = torch.Generator().manual_seed(cfg.train.seed * 7919 + 17 + rank)
+        # The same on every rank: each draws the global batch's randomness and keeps its slice (draw_step_batch).
+        self.rng = torch.Generator().manual_seed(cfg.train.seed * 7919 + 17)
         self.phases = build_phases(cfg)
         self.step = 0
+        self.nonfinite_total = 0  # iterations with a skipped (NaN/Inf loss) phase, over the whole run
+        self.nonfinite_streak = 0  # consecutive such iterations up to now
 
     def learning_rates(self) -> dict[str, float]:
         o = self.cfg.optim
@@ -94,23 +98,34 @@ class Trainer:
             for name, lr in self.learning_rates().items():
                 self.engines[name].set_lr(lr)
         self._train_only("generator")  # the fake's graph to φ is kept for the generator phase
-        b = draw_step_batch(self.stream.next_batch(), self.schedule, self.gen_enc.generator, self.terms,
-                            self.cfg.model.nz, self.rng)
+        b = self._draw()
         stats: dict[str, torch.Tensor] = {}
+        skipped = False
         for phase in self.phases:
             if self.step % phase.interval:
                 continue
             engine = self.engines[phase.engine]
             self._train_only(phase.engine)
             loss, phase_stats = phase.loss(self, b)
+            stats.update(phase_stats)
+            # A NaN/Inf loss on any rank skips this update on all of them (the engines must stay in step).
+            if distributed.any_rank(not bool(torch.isfinite(loss))):
+                skipped = True
+                continue
             engine.zero_grad()
             engine.backward(loss)
             engine.step()
-            stats.update(phase_stats)
         if self.ema is not None:
             self.ema.update(self.modules)
         self.step += 1
+        self.nonfinite_total += skipped
+        self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
+        stats["nonfinite"] = torch.tensor(float(skipped))
         return stats
+
+    def _draw(self) -> StepBatch:
+        return draw_step_batch(self.stream.next_batch(), self.schedule, self.gen_enc.generator, self.terms,
+                               self.cfg.model.nz, self.rng, self.rank, self.world)
 
     # ---- what a checkpoint carries: everything a bit-exact continuation needs
     def state_dict(self) -> dict:
@@ -121,6 +136,8 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "stream": self.stream.state_dict(),
             "rng": {"step": self.rng.get_state(), "torch": torch.get_rng_state()},
+            "nonfinite": {"total": self.nonfinite_total, "streak": self.nonfinite_streak},
+            "world": self.world,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -134,6 +151,8 @@ class Trainer:
         self.stream.load_state_dict(state["stream"])
         self.rng.set_state(state["rng"]["step"])
         torch.set_rng_state(state["rng"]["torch"])
+        counts = state.get("nonfinite", {})
+        self.nonfinite_total, self.nonfinite_streak = counts.get("total", 0), counts.get("streak", 0)
 
     def sampling_networks(self, use_ema: bool = True):
         """(generator+encoder, energy) to sample and score with: the EMA copies when kept."""

@@ -1,0 +1,161 @@
+"""Ranks and the process group: discovery from the launcher's environment, init, small collectives, exit.
+
+One process (WORLD_SIZE unset or 1, torch backend) needs no environment variable, starts no process group and
+never imports DeepSpeed. Under torchrun the rank comes from RANK/WORLD_SIZE/LOCAL_RANK; under a bare `srun`
+from SLURM_PROCID/SLURM_STEP_NUM_TASKS (or SLURM_NTASKS)/SLURM_LOCALID, with the master taken from the
+first host of the step's node list. Every helper is a no-op without a process group, so callers need no
+`if world > 1`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\],\-]+))?", nodelist.strip())
+    if not m:
+        raise RuntimeError(f"cannot read the SLURM node list {nodelist!r}; set MASTER_ADDR")
+    return m.group(1) + (m.group(2) or "")
+
+
+def _map_slurm(environ) -> None:
+    """Fill torchrun's variables from a bare `srun` task's, when torchrun's are absent."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return
+    environ["RANK"] = environ["SLURM_PROCID"]
+    environ["WORLD_SIZE"] = environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", "1"))
+    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    nodes = environ.get("SLURM_STEP_NODELIST", environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    environ.setdefault("MASTER_ADDR", _first_host(nodes))
+    # Same port on every task of the job, different between jobs sharing a node.
+    environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def discover(environ=None) -> DistEnv:
+    """This process's rank, world size and local rank, from the launcher's environment."""
+    environ = os.environ if environ is None else environ
+    _map_slurm(environ)
+    try:
+        env = DistEnv(int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1)), int(environ.get("LOCAL_RANK", 0)))
+    except ValueError as err:
+        raise RuntimeError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {err}") from None
+    if not 0 <= env.rank < env.world:
+        raise RuntimeError(f"RANK={env.rank} is outside WORLD_SIZE={env.world}")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def needs_group(env: DistEnv, backend: str) -> bool:
+    """DeepSpeed needs a process group even alone; the torch backend runs one process without one."""
+    return env.world > 1 or backend == "deepspeed"
+
+
+def init(env: DistEnv, backend: str, timeout_s: int) -> None:
+    """Start the process group (gloo on CPU, nccl on GPU) whose collectives fail after `timeout_s`."""
+    if not needs_group(env, backend) or is_initialized():
+        return
+    # A single DeepSpeed process without a launcher would try MPI discovery (STACK_NOTES).
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    comm = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=comm, timeout=timeout, auto_mpi_discovery=False, verbose=False,
+                                   rank=env.rank, world_size=env.world)
+    else:
+        torch.distributed.init_process_group(comm, rank=env.rank, world_size=env.world, timeout=timeout)
+
+
+def is_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_initialized() else 1
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch.distributed.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (a stop or skip decision all ranks must share)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over ranks (for logged statistics; every rank must call it with the same shape)."""
+    if world_size() == 1:
+        return t
+    t = t.detach().float().clone()
+    torch.distributed.all_reduce(t)
+    return t / world_size()
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe must not stop the exit
+            pass
+
+
+def shutdown(code: int) -> None:
+    """Leave the process group and exit with `code`, never returning.
+
+    gloo/DeepSpeed processes abort at interpreter exit now and then ("terminate called without an active
+    exception"); barrier, destroy, flush and os._exit exits cleanly (STACK_NOTES). A failed peer makes the
+    barrier raise after the timeout; the exit code is kept either way.
+    """
+    if is_initialized():
+        try:
+            if code == 0:
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        except Exception as err:  # noqa: BLE001
+            print(f"ddaebm: rank shutdown: {err}", file=sys.stderr)
+            code = code or 1
+    _flush()
+    os._exit(code)
+
+
+def abort(code: int) -> None:
+    """Exit at once after a failed collective: a barrier would only wait for the dead peer."""
+    _flush()
+    os._exit(code)
