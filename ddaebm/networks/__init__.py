@@ -17,16 +17,17 @@ class GeneratorEncoder(nn.Module):
         self.encoder = encoder
 
 
-def build_energy(cfg: ModelConfig) -> nn.Module:
+def build_energy(cfg: ModelConfig, num_steps: int = 4) -> nn.Module:
+    """f_θ(x, k) for k ∈ {0..num_steps−1}."""
     if cfg.arch == "toy":
-        return ToyEnergy(cfg.data_dim, cfg.hidden, cfg.t_emb_dim)
+        return ToyEnergy(cfg.data_dim, cfg.hidden, cfg.t_emb_dim, num_steps)
     raise ValueError(f"unknown model.arch {cfg.arch!r}")
 
 
-def build_generator_encoder(cfg: ModelConfig, with_encoder: bool = True) -> GeneratorEncoder:
+def build_generator_encoder(cfg: ModelConfig, with_encoder: bool = True, num_steps: int = 4) -> GeneratorEncoder:
     if cfg.arch == "toy":
-        gen = ToyGenerator(cfg.data_dim, cfg.nz, cfg.hidden, cfg.t_emb_dim, cfg.gen_norm)
+        gen = ToyGenerator(cfg.data_dim, cfg.nz, cfg.hidden, cfg.t_emb_dim, cfg.gen_norm, num_steps)
         enc = ToyEncoder(cfg.data_dim, cfg.nz, cfg.hidden, cfg.t_emb_dim, cfg.gen_norm, cfg.logvar_min,
-                         cfg.logvar_max) if with_encoder else None
+                         cfg.logvar_max, num_steps) if with_encoder else None
         return GeneratorEncoder(gen, enc)
     raise ValueError(f"unknown model.arch {cfg.arch!r}")

@@ -23,15 +23,20 @@ def _norm(kind: str, width: int) -> nn.Module:
 
 
 class StepEmbedding(nn.Module):
-    """k ↦ sinusoidal(dim) → dim → PReLU → 32 (the toy t-branch)."""
+    """k ↦ sinusoidal(dim) → dim → PReLU → 32 (the toy t-branch), for k ∈ {0..num_steps−1}."""
 
-    def __init__(self, dim: int = 16, out: int = FEATURES):
+    def __init__(self, dim: int = 16, out: int = FEATURES, num_steps: int = 4):
         super().__init__()
-        self.dim = dim
         self.net = nn.Sequential(nn.Linear(dim, dim), PReLU(), nn.Linear(dim, out))
+        # The sinusoids of every step, fixed: computed once, not per forward.
+        self.register_buffer("table", sinusoidal_embedding(torch.arange(num_steps), dim), persistent=False)
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:
-        return self.net(sinusoidal_embedding(k, self.dim))
+        return self.net(self.table[k])
+
+    def all_steps(self) -> torch.Tensor:
+        """The embedding of every k, [num_steps, out]."""
+        return self.net(self.table)
 
 
 class BranchedInput(nn.Module):
@@ -43,17 +48,16 @@ class BranchedInput(nn.Module):
     of `first` becomes a per-k bias gathered by k. `direct` is the literal form, kept for tests.
     """
 
-    def __init__(self, in_dim: int, hidden: int, t_emb_dim: int, norm: str = "none"):
+    def __init__(self, in_dim: int, hidden: int, t_emb_dim: int, norm: str = "none", num_steps: int = 4):
         super().__init__()
         self.pre = nn.Sequential(nn.Linear(in_dim, BRANCH), _norm(norm, BRANCH), PReLU())
         self.post = nn.Linear(BRANCH, FEATURES)
-        self.step = StepEmbedding(t_emb_dim)
+        self.step = StepEmbedding(t_emb_dim, FEATURES, num_steps)
         self.first = nn.Linear(2 * FEATURES, hidden)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         w_x, w_t = self.first.weight[:, :FEATURES], self.first.weight[:, FEATURES:]
-        ks = torch.arange(int(k.max()) + 1, device=k.device)
-        per_k = F.linear(self.step(ks), w_t, self.first.bias + w_x @ self.post.bias)  # [K, hidden]
+        per_k = F.linear(self.step.all_steps(), w_t, self.first.bias + w_x @ self.post.bias)  # [T, hidden]
         # F.embedding is the gather whose backward is cheapest here (a third of indexing's on this CPU).
         return torch.addmm(F.embedding(k, per_k), self.pre(x), (w_x @ self.post.weight).t())
 
@@ -64,9 +68,9 @@ class BranchedInput(nn.Module):
 class ToyEnergy(nn.Module):
     """f_θ(x, k): x-branch 2 → 16 → PReLU → 32, step branch, then 64 → 300 → 300 → 1; no normalisation."""
 
-    def __init__(self, data_dim: int = 2, hidden: int = 300, t_emb_dim: int = 16):
+    def __init__(self, data_dim: int = 2, hidden: int = 300, t_emb_dim: int = 16, num_steps: int = 4):
         super().__init__()
-        self.input = BranchedInput(data_dim, hidden, t_emb_dim)
+        self.input = BranchedInput(data_dim, hidden, t_emb_dim, num_steps=num_steps)
         self.head = nn.Sequential(PReLU(), nn.Linear(hidden, hidden), PReLU(), nn.Linear(hidden, 1))
 
     def forward(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -76,9 +80,10 @@ class ToyEnergy(nn.Module):
 class _ConditionalMLP(nn.Module):
     """The shared G/E template: (input, k) ↦ features of width `out` (SPEC §3, §4)."""
 
-    def __init__(self, in_dim: int, out: int, hidden: int, t_emb_dim: int, norm: str, final_norm: bool):
+    def __init__(self, in_dim: int, out: int, hidden: int, t_emb_dim: int, norm: str, final_norm: bool,
+                 num_steps: int):
         super().__init__()
-        self.input = BranchedInput(in_dim, hidden, t_emb_dim, norm)
+        self.input = BranchedInput(in_dim, hidden, t_emb_dim, norm, num_steps)
         layers = [_norm(norm, hidden), PReLU(), nn.Linear(hidden, hidden), _norm(norm, hidden), PReLU(),
                   nn.Linear(hidden, out)]
         if final_norm:
@@ -92,10 +97,11 @@ class _ConditionalMLP(nn.Module):
 class ToyGenerator(nn.Module):
     """G_φ(x_{k+1}, k, z) = x₀', the generator's guess of clean data (no output activation)."""
 
-    def __init__(self, data_dim: int = 2, nz: int = 2, hidden: int = 300, t_emb_dim: int = 16, norm: str = "batch"):
+    def __init__(self, data_dim: int = 2, nz: int = 2, hidden: int = 300, t_emb_dim: int = 16, norm: str = "batch",
+                 num_steps: int = 4):
         super().__init__()
         self.nz = nz
-        self.net = _ConditionalMLP(data_dim + nz, data_dim, hidden, t_emb_dim, norm, final_norm=False)
+        self.net = _ConditionalMLP(data_dim + nz, data_dim, hidden, t_emb_dim, norm, False, num_steps)
 
     def forward(self, x_k1: torch.Tensor, k: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([x_k1, z], dim=1), k)
@@ -105,9 +111,9 @@ class ToyEncoder(nn.Module):
     """q_ψ(z | x_k, x_{k+1}, k): diagonal Gaussian (μ, logvar), logvar clamped to [logvar_min, logvar_max]."""
 
     def __init__(self, data_dim: int = 2, nz: int = 2, hidden: int = 300, t_emb_dim: int = 16, norm: str = "batch",
-                 logvar_min: float = -10.0, logvar_max: float = 2.0):
+                 logvar_min: float = -10.0, logvar_max: float = 2.0, num_steps: int = 4):
         super().__init__()
-        self.body = _ConditionalMLP(2 * data_dim, 16, hidden, t_emb_dim, norm, final_norm=True)
+        self.body = _ConditionalMLP(2 * data_dim, 16, hidden, t_emb_dim, norm, True, num_steps)
         self.mu = nn.Linear(16, nz)
         self.logvar = nn.Linear(16, nz)
         self.logvar_range = (logvar_min, logvar_max)

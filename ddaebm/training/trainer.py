@@ -67,8 +67,8 @@ class Trainer:
         self.terms = ABLATIONS[cfg.loss.ablation]
         self.schedule = build_schedule(cfg.diffusion)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.energy = build_energy(cfg.model)
-        self.gen_enc = build_generator_encoder(cfg.model, with_encoder=self.terms.encoder)
+        self.energy = build_energy(cfg.model, cfg.diffusion.num_steps)
+        self.gen_enc = build_generator_encoder(cfg.model, self.terms.encoder, cfg.diffusion.num_steps)
         self.engines = engine_factory(self)
         self.modules = {"energy": self.energy, "generator": self.gen_enc}
         self.ema = EMA(self.modules, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
