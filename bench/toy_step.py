@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -126,38 +129,57 @@ class BaselineStep:
         self.opt_g.step()
 
 
+def measure(which: str, config: str, iters: int, warmup: int) -> dict:
+    """ms/it, FLOPs and peak RSS of one implementation, in this (fresh) process."""
+    trainer = Trainer(load_config(config))
+    step = trainer.train_step if which == "ddaebm" else BaselineStep(trainer)
+    flops = flops_per_step(step)
+    ms = median_ms(step, iters, warmup)
+    return {"ms": ms, "flops": flops, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_in_child(which: str, args) -> dict:
+    """Each measurement in its own process: two models in one process share caches and allocator state, which
+    measurably slows whichever runs second."""
+    cmd = [sys.executable, __file__, "--child", which, "--config", args.config, "--iters", str(args.iters),
+           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/toy/25gaussians.yaml")
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurements of each")
+    p.add_argument("--child", choices=("ddaebm", "baseline"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
-    trainer = Trainer(cfg)
-    baseline = BaselineStep(trainer)
-
+    if args.child:
+        print(json.dumps(measure(args.child, args.config, args.iters, args.warmup)))
+        return
     peak = matmul_gflops()
-    flops = flops_per_step(trainer.train_step)
-    base_flops = flops_per_step(baseline)
-    # Interleave the two so that a busy second core slows both alike.
-    ours, base = [], []
-    for _ in range(3):
-        ours.append(median_ms(trainer.train_step, args.iters // 3, args.warmup))
-        base.append(median_ms(baseline, args.iters // 3, args.warmup))
-    ms, base_ms = statistics.median(ours), statistics.median(base)
+    # Alternate the two so that a busy second core slows both alike.
+    runs = {"ddaebm": [], "baseline": []}
+    for _ in range(args.rounds):
+        for which in runs:
+            runs[which].append(measure_in_child(which, args))
+    ours, base = runs["ddaebm"], runs["baseline"]
+    ms, base_ms = statistics.median(r["ms"] for r in ours), statistics.median(r["ms"] for r in base)
+    flops, base_flops = ours[0]["flops"], base[0]["flops"]
     limit_ms = flops / (peak * 1e9) * 1e3
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"config            {args.config}  (batch {cfg.data.batch}, threads {args.threads})")
+    print(f"config            {args.config}  (threads {args.threads}, {args.rounds} rounds of {args.iters} iterations)")
     print(f"matmul 200x300x300 {peak:.1f} GFLOP/s on this core")
     print(f"FLOPs / iteration {flops / 1e9:.3f} GFLOP (baseline {base_flops / 1e9:.3f})")
     print(f"limit             {limit_ms:.2f} ms/it at that throughput")
+    rounds = {which: ", ".join(f"{r['ms']:.2f}" for r in rs) for which, rs in runs.items()}
     print(f"ddaebm            {ms:.2f} ms/it   {flops / (ms * 1e-3) / 1e9:.1f} GFLOP/s = "
-          f"{100 * limit_ms / ms:.0f}% of the matmul limit")
-    print(f"baseline          {base_ms:.2f} ms/it")
+          f"{100 * limit_ms / ms:.0f}% of the matmul limit   (rounds: {rounds['ddaebm']})")
+    print(f"baseline          {base_ms:.2f} ms/it   (rounds: {rounds['baseline']})")
     print(f"speed-up          {base_ms / ms:.2f}x")
-    print(f"peak RSS          {rss_mb:.0f} MB")
+    print(f"peak RSS          {max(r['rss_mb'] for r in ours):.0f} MB (baseline {max(r['rss_mb'] for r in base):.0f} MB)")
     if not math.isfinite(ms):
         raise SystemExit(1)
 

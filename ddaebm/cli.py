@@ -99,7 +99,7 @@ def _sample(args) -> int:
         raise ConfigError(f"--num must be ≥ 1, got {args.num}")
     out = _output_path(args.out, ".npy")
     trainer = trainer_from_run(_run_dir(args.run_dir))
-    x = generate(trainer, args.num, args.seed, refine=args.refine, use_ema=not args.raw)
+    x = generate(trainer, args.num, args.seed, refine=args.refine, use_ema=False if args.raw else None)
     np.save(out, x.numpy())
     print(f"wrote {args.num} samples (step {trainer.step}{', refined' if args.refine else ''}) to {out}")
     return 0
@@ -116,7 +116,7 @@ def _density(args) -> int:
         raise ConfigError(f"--grid must be ≥ 2 and LO < HI, got --grid {args.grid} --range {lo} {hi}")
     out = _output_path(args.out, ".npy")
     trainer = trainer_from_run(_run_dir(args.run_dir))
-    _, f = density(trainer, args.grid, lo, hi, use_ema=args.ema)
+    _, f = density(trainer, args.grid, lo, hi, use_ema=False if args.raw else None)
     np.save(out, f)
     save_density(out.with_suffix(".png"), f, lo, hi, f"exp f(x, 0), step {trainer.step}")
     print(f"wrote f(x, 0) on a {args.grid}x{args.grid} grid over [{lo}, {hi}]² to {out} and {out.with_suffix('.png')}")
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="FILE.npy")
     s.add_argument("--refine", action="store_true", help="one energy refinement step (sample.refine_step)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--raw", action="store_true", help="raw generator instead of its EMA")
+    s.add_argument("--raw", action="store_true", help="raw generator instead of its EMA (sample.use_ema)")
     s.set_defaults(fn=_sample)
 
     d = sub.add_parser("density", help="the energy f(x, k=0) on a grid, .npy and .png")
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--grid", type=int, required=True)
     d.add_argument("--range", type=float, nargs=2, required=True, metavar=("LO", "HI"))
     d.add_argument("--out", required=True, help="FILE.npy")
-    d.add_argument("--ema", action="store_true", help="EMA energy instead of the raw one")
+    d.add_argument("--raw", action="store_true", help="raw energy instead of its EMA (eval.energy_ema)")
     d.set_defaults(fn=_density)
 
     e = sub.add_parser("eval", help="metrics of a trained run")

@@ -162,6 +162,7 @@ class SampleConfig:
     refine_step: float = 1e-3
     """Step size s of the energy refinement x ← x + s·∇f(x, 0) (SPEC §7.2; not reported by the paper)."""
     use_ema: bool = True
+    """Sample with the EMA generator when optim.ema_decay > 0 (SPEC §7.1), else with the raw one."""
 
 
 @dataclass
@@ -170,6 +171,8 @@ class EvalConfig:
     grid: int = 200
     range_lo: float = -4.0
     range_hi: float = 4.0
+    energy_ema: bool = True
+    """Score densities with the EMA energy when optim.ema_decay > 0 (the raw one is kept too, SPEC §5)."""
 
 
 @dataclass

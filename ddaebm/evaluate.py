@@ -23,12 +23,15 @@ def save_reals(trainer: Trainer, run_dir: Path) -> None:
     save_scatter(run_dir / "reals.png", data, e.range_lo, e.range_hi, f"{trainer.cfg.data.dataset}: data")
 
 
-def generate(trainer: Trainer, num: int, seed: int, refine: bool = False, use_ema: bool = True) -> torch.Tensor:
-    """num samples from the trained model (EMA generator when kept), optionally energy-refined."""
+def generate(trainer: Trainer, num: int, seed: int, refine: bool = False, use_ema: bool | None = None) -> torch.Tensor:
+    """num samples from the trained model, optionally energy-refined.
+
+    use_ema: the EMA generator (and energy, for refinement) when kept; None follows sample.use_ema.
+    """
     from ddaebm.sampling import refine as refine_fn
     from ddaebm.sampling import sample
 
-    gen_enc, energy = trainer.sampling_networks(use_ema)
+    gen_enc, energy = trainer.sampling_networks(trainer.cfg.sample.use_ema if use_ema is None else use_ema)
     m = trainer.cfg.model
     x = sample(gen_enc.generator, trainer.schedule, num, trainer.stream.data_shape, m.nz,
                torch.Generator().manual_seed(seed), use_latent=trainer.terms.latent,
@@ -36,12 +39,13 @@ def generate(trainer: Trainer, num: int, seed: int, refine: bool = False, use_em
     return refine_fn(energy, x, trainer.cfg.sample.refine_step) if refine else x
 
 
-def density(trainer: Trainer, grid: int, lo: float, hi: float, use_ema: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(side, f(x, k=0) on the grid) with the raw energy by default (SPEC §7.3)."""
+def density(trainer: Trainer, grid: int, lo: float, hi: float,
+            use_ema: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(side, f(x, k=0) on the grid) (SPEC §7.3); use_ema None follows eval.energy_ema."""
     from ddaebm.sampling import energy_grid, grid_side
 
     side = grid_side(lo, hi, grid)
-    _, energy = trainer.sampling_networks(use_ema)
+    _, energy = trainer.sampling_networks(trainer.cfg.eval.energy_ema if use_ema is None else use_ema)
     return side, energy_grid(energy, side)
 
 
@@ -96,7 +100,7 @@ def per_step_quality(trainer: Trainer, num: int, seed: int = 0) -> dict:
     from ddaebm.sampling import bn_mode, denoise
 
     cfg = trainer.cfg
-    gen_enc, _ = trainer.sampling_networks()
+    gen_enc, _ = trainer.sampling_networks(cfg.sample.use_ema)  # the generator `generate` samples with
     rng = torch.Generator().manual_seed(seed)
     data = sample_toy(cfg.data.dataset, num, rng)
     modes = toy_modes(cfg.data.dataset)
