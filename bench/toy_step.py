@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from ddaebm.config import load_config
-from ddaebm.diffusion.schedule import log_transition, posterior_sample
+from ddaebm.diffusion.schedule import log_transition
 from ddaebm.losses import draw_step_batch, generator_loss
 from ddaebm.networks.layers import PReLU
 from ddaebm.networks.toy import BranchedInput

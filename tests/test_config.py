@@ -2,8 +2,8 @@
 
 import pytest
 
-from ddaebm.diffusion.schedule import build_schedule
 from ddaebm.config import ConfigError, config_from_dict, experiment_differences, load_config, to_dict
+from ddaebm.diffusion.schedule import build_schedule
 from tests.conftest import CONFIGS
 
 

@@ -4,7 +4,6 @@ losses, preemption of one process, rank discovery, and the per-rank slicing of t
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
