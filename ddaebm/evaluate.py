@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ddaebm.config import ConfigError
-from ddaebm.training.checkpoint import latest_checkpoint, load_checkpoint
+from ddaebm.training.checkpoint import newest_valid_checkpoint
 from ddaebm.training.trainer import Trainer
 
 
@@ -120,13 +120,14 @@ def per_step_quality(trainer: Trainer, num: int, seed: int = 0) -> dict:
 
 
 def trainer_from_run(run_dir: Path) -> Trainer:
-    """A Trainer restored from the newest complete checkpoint of `run_dir` (for sample/density/eval)."""
+    """A Trainer restored from the newest checkpoint of `run_dir` that verifies (for sample/density/eval), by
+    the same rule as resuming: a damaged newest one is skipped with a warning."""
     from ddaebm.config import config_from_dict
 
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
+    found = newest_valid_checkpoint(run_dir)
+    if found is None:
         raise ConfigError(f"{run_dir}: no checkpoint found")
-    state = load_checkpoint(ckpt)
+    _, state = found
     trainer = Trainer(config_from_dict(state["config"]))
     trainer.load_state_dict(state)
     return trainer

@@ -134,3 +134,14 @@ def test_batch_that_does_not_divide_is_a_clear_error(tmp_path):
                         "dist.backend=deepspeed"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "data.batch=32" in r.stderr and "3 ranks" in r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_sampling_skips_a_corrupted_newest_checkpoint(tmp_path):
+    """sample/density/eval restore by the same rule as resume."""
+    from ddaebm.evaluate import trainer_from_run
+
+    train(_cfg(8), tmp_path / "run")
+    state = tmp_path / "run" / "checkpoints" / "step-000000008" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.warns(CheckpointWarning):
+        assert trainer_from_run(tmp_path / "run").step == 4
