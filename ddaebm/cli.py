@@ -93,16 +93,63 @@ def _run_dir(path: str) -> Path:
 def _sample(args) -> int:
     import numpy as np
 
+    from ddaebm.data.stream import is_toy
     from ddaebm.evaluate import generate, trainer_from_run
 
-    if args.num < 1:
-        raise ConfigError(f"--num must be ≥ 1, got {args.num}")
+    if args.num < 1 or args.batch < 1:
+        raise ConfigError(f"--num and --batch must be ≥ 1, got {args.num} and {args.batch}")
+    run_dir = _run_dir(args.run_dir)
+    trainer = trainer_from_run(run_dir)
+    if not is_toy(trainer.cfg):
+        return _sample_images(trainer, args)
     out = _output_path(args.out, ".npy")
-    trainer = trainer_from_run(_run_dir(args.run_dir))
     x = generate(trainer, args.num, args.seed, refine=args.refine, use_ema=False if args.raw else None)
-    np.save(out, x.numpy())
+    np.save(out, x.cpu().numpy())
     print(f"wrote {args.num} samples (step {trainer.step}{', refined' if args.refine else ''}) to {out}")
     return 0
+
+
+def _sample_images(trainer, args) -> int:
+    """Image samples into the folder --out: .npz batches of uint8 NHWC images with their indices, grid.png.
+
+    Under a launcher (torchrun, srun) each rank takes a contiguous block of the indices 0..num−1; sample i comes
+    from its own seed, so the files hold the same images whatever --batch or the number of ranks.
+    """
+    from ddaebm import distributed
+    from ddaebm.data.pixels import save_grid, to_uint8
+    from ddaebm.evaluate import generate
+    from ddaebm.training.checkpoint import write_atomic_bytes
+
+    out = Path(args.out)
+    if out.suffix or not out.parent.is_dir():
+        raise ConfigError(f"--out {args.out}: image samples go into a folder (its parent must exist)")
+    out.mkdir(exist_ok=True)
+    env = distributed.discover()
+    start, stop = env.rank * args.num // env.world, (env.rank + 1) * args.num // env.world
+    use_ema = False if args.raw else None
+    prep = trainer.cfg.data.preprocess
+    for lo in range(start, stop, args.batch):
+        idx = list(range(lo, min(lo + args.batch, stop)))
+        x = generate(trainer, len(idx), args.seed, refine=args.refine, use_ema=use_ema, indices=idx, batch=len(idx))
+        write_atomic_bytes(out / f"samples-{idx[0]:07d}-{idx[-1] + 1:07d}.npz",
+                           _npz_bytes(images=to_uint8(x, prep), indices=np.asarray(idx, dtype=np.int64)))
+    if env.lead:
+        grid = list(range(min(64, args.num)))
+        x = generate(trainer, len(grid), args.seed, refine=args.refine, use_ema=use_ema, indices=grid)
+        save_grid(out / "grid.png", to_uint8(x, prep))
+    print(f"rank {env.rank}/{env.world}: wrote samples {start}..{stop - 1} (step {trainer.step}"
+          f"{', refined' if args.refine else ''}) to {out}", flush=True)
+    return 0
+
+
+def _npz_bytes(**arrays) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 def _density(args) -> int:
@@ -158,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples with the 4-step sampler")
     s.add_argument("run_dir")
     s.add_argument("--num", type=int, required=True)
-    s.add_argument("--out", required=True, help="FILE.npy")
+    s.add_argument("--out", required=True, help="FILE.npy (toy) or a folder (images: .npz batches and grid.png)")
+    s.add_argument("--batch", type=int, default=256, help="images per .npz file and per generator batch")
     s.add_argument("--refine", action="store_true", help="one energy refinement step (sample.refine_step)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--raw", action="store_true", help="raw generator instead of its EMA (sample.use_ema)")

@@ -50,7 +50,11 @@ class ModelConfig:
     """Networks (SPEC §2-§4)."""
 
     arch: str = "toy"
+    """'toy' (2-D MLPs, SPEC §2-§4), 'ncsnpp' (image U-Nets: NCSN++, or DDPM++ with fir=false and
+    progressive_input=none; convolutional encoder, SPEC §2-§4, §8) or 'mnist_nice' (NICE_t energy, MLP generator
+    and encoder on flattened logit pixels, SPEC §7.5)."""
     data_dim: int = 2
+    """Dimension of flat data (toy 2, mnist_nice 784)."""
     nz: int = 2
     """Latent dimension of the generator."""
     hidden: int = 300
@@ -63,6 +67,31 @@ class ModelConfig:
     logvar_min: float = -10.0
     logvar_max: float = 2.0
     """Encoder log-variance clamp (SPEC §11 advice); the official code leaves it unconstrained."""
+    # ---- image networks (arch=ncsnpp, SPEC §8); generator and energy share the U-Net skeleton
+    image_size: int = 32
+    channels: int = 3
+    nf: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    dropout: float = 0.1
+    fir: bool = True
+    """FIR [1, 3, 3, 1] resampling (NCSN++); false with progressive_input=none is LSUN's "DDPM++"."""
+    progressive_input: str = "residual"
+    """'residual' (NCSN++) or 'none' (DDPM++)."""
+    z_emb_dim: int = 256
+    """Width of the generator's z mapping network (PixelNorm, then n_mlp+1 linear layers)."""
+    n_mlp: int = 4
+    encoder: str = "small"
+    """Convolutional encoder: 'small' (32²), '64' (64²) or 'large' (128², logvar = −softplus), SPEC §4."""
+    encoder_ngf: int = 64
+    channels_last: bool = False
+    """Run the image networks in channels_last memory format (faster convolutions on recent GPUs)."""
+    # ---- arch=mnist_nice (SPEC §7.5)
+    nice_hidden: int = 1000
+    nice_layers: int = 5
+    """Hidden layers of each coupling's m-network."""
+    nice_couplings: int = 4
 
 
 @dataclass
@@ -116,8 +145,25 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     dataset: str = "25gaussians"
+    """A toy distribution (SPEC §9), or the shard-set name of image data under `root`
+    (`<dataset>-<split>-NNNNNN.tar`, written by `python -m data_shards`)."""
     batch: int = 200
     """Global batch: the same for any number of ranks."""
+    root: str = ""
+    """Folder of the shard set (image data)."""
+    split: str = "train"
+    resolution: int = 0
+    """Training resolution; 0 = model.image_size. Larger sources are resized (shorter side) and centre-cropped."""
+    flip: bool = False
+    """Random horizontal flips (CIFAR, CelebA, LSUN: SPEC §8)."""
+    preprocess: str = "minus_one_one"
+    """'minus_one_one' (images in [−1, 1]) or 'logit' (MNIST NICE: dequantise, clamp, logit, flatten; SPEC §7.5)."""
+    loader: str = "auto"
+    """'pil', 'dali' (NVIDIA DALI; GPU `mixed` decode on a GPU) or 'auto' (ddaebm/data/images.py says which)."""
+    workers: int = 2
+    """Decoding threads/workers per rank."""
+    on_error: str = "raise"
+    """An undecodable sample: 'raise' (name it and stop) or 'skip' (counted in stats and warned, never silent)."""
 
 
 @dataclass
@@ -148,13 +194,15 @@ class DistConfig:
     """DeepSpeed ZeRO stage 0, 1 or 2 (1/2 partition the optimizer state; resume at another world size then goes
     through a universal checkpoint, converted automatically)."""
     precision: str = "fp32"
-    """'fp32', 'bf16' (DeepSpeed backend: the networks run under bf16 autocast; weights, Adam, losses and the R1
-    penalty stay fp32) or 'fp16' (DeepSpeed's fp16 mode with dynamic loss scaling; needs a device with fp16
+    """'fp32', 'bf16' (either backend: the networks run under bf16 autocast; weights, Adam, losses, energies and
+    the R1 penalty stay fp32) or 'fp16' (DeepSpeed's fp16 mode with dynamic loss scaling; needs a device with fp16
     support, which this CPU lacks)."""
     grad_clip: float = 0.0
     """Clip each engine's global gradient norm to this; 0 = off."""
     timeout_s: int = 300
     """Collective timeout: a rank that dies makes the others fail after at most this long instead of hanging."""
+    device: str = "auto"
+    """'auto' (this rank's GPU when CUDA is available, else CPU), 'cpu' or 'cuda'."""
 
 
 @dataclass
@@ -195,7 +243,13 @@ CHOICES = {
     "diffusion.grid": ("eps", "drl"),
     "diffusion.variance": ("vp", "geometric", "explicit"),
     "diffusion.first_beta": ("var_t0", "ddgan"),
-    "model.arch": ("toy",),
+    "model.arch": ("toy", "ncsnpp", "mnist_nice"),
+    "model.progressive_input": ("residual", "none"),
+    "model.encoder": ("small", "64", "large"),
+    "data.preprocess": ("minus_one_one", "logit"),
+    "data.loader": ("auto", "pil", "dali"),
+    "data.on_error": ("raise", "skip"),
+    "dist.device": ("auto", "cpu", "cuda"),
     "model.gen_norm": ("batch", "none"),
     "model.sample_bn_mode": ("eval", "train"),
     "loss.ablation": ("full", "no_latent", "kl_only", "kl_no_entropy"),
@@ -212,7 +266,7 @@ CHOICES = {
 # the non-finite budget are operational. Backend, ZeRO stage, precision and clipping change the run: not here.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.snapshot_every", "train.ckpt_every",
                      "train.keep_ckpts", "train.threads", "train.eval_at_end", "train.max_nonfinite",
-                     "dist.timeout_s", "eval", "sample")
+                     "dist.timeout_s", "dist.device", "data.root", "data.loader", "data.workers", "eval", "sample")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:

@@ -63,10 +63,12 @@ def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: 
     """
     n = x0.shape[0]
     total, rows = n * world, slice(rank * n, (rank + 1) * n)
-    k = torch.randint(0, s.num_steps, (total,), generator=rng)[rows]
-    noise = torch.randn((3, total, *x0.shape[1:]), generator=rng)[:, rows]
-    z = (torch.randn((total, nz), generator=rng) if terms.latent else torch.zeros(total, nz))[rows]
-    enc_noise = torch.randn((total, nz), generator=rng)[rows]
+    dev = rng.device  # the training device: the noise is drawn where it is used
+    k = torch.randint(0, s.num_steps, (total,), generator=rng, device=dev)[rows]
+    noise = torch.randn((3, total, *x0.shape[1:]), generator=rng, device=dev)[:, rows]
+    z = torch.randn((total, nz), generator=rng, device=dev) if terms.latent else torch.zeros(total, nz, device=dev)
+    z = z[rows]
+    enc_noise = torch.randn((total, nz), generator=rng, device=dev)[rows]
     x_k, x_k1 = diffuse_pair(s, x0, k, noise[0], noise[1])
     x0_fake = generator(x_k1, k, z)
     x_fake = posterior_sample(s, x0_fake, x_k1, k, noise[2])

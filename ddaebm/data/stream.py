@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ddaebm.config import DataConfig
+from ddaebm.config import Config, ConfigError
 
 
 class ToyStream:
@@ -40,8 +40,42 @@ class ToyStream:
         self.rng.set_state(state["rng"])
 
 
-def build_stream(cfg: DataConfig, seed: int, rank: int = 0, world: int = 1) -> ToyStream:
-    if cfg.batch % world:
-        raise ValueError(f"data.batch={cfg.batch} (the global batch) does not divide over {world} ranks; "
+def is_toy(cfg: Config) -> bool:
+    from ddaebm.data.toy import TOY_DATASETS
+
+    return cfg.data.dataset in TOY_DATASETS
+
+
+def resolution(cfg: Config) -> int:
+    return cfg.data.resolution or cfg.model.image_size
+
+
+def data_shape(cfg: Config) -> tuple[int, ...]:
+    """The shape of one training sample, from the config alone (sampling needs no data)."""
+    if cfg.model.arch == "ncsnpp":
+        return (cfg.model.channels, resolution(cfg), resolution(cfg))
+    return (cfg.model.data_dim,)
+
+
+def image_stream_args(cfg: Config) -> dict:
+    """Where a shard set is and how it is preprocessed (ddaebm/data/images.py), from the data config."""
+    d = cfg.data
+    if not d.root:
+        raise ConfigError(f"data.dataset={d.dataset!r} is not a toy dataset, so it is read from shards: "
+                          "set data.root to the folder holding them")
+    return dict(root=d.root, name=d.dataset, split=d.split, resolution=resolution(cfg), channels=cfg.model.channels,
+                preprocess=d.preprocess, loader=d.loader, workers=d.workers, on_error=d.on_error)
+
+
+def build_stream(cfg: Config, rank: int = 0, world: int = 1):
+    """The training stream of this rank: a toy distribution or a shard set (global batch / world rows each)."""
+    d = cfg.data
+    if d.batch % world:
+        raise ValueError(f"data.batch={d.batch} (the global batch) does not divide over {world} ranks; "
                          f"choose a multiple of {world}")
-    return ToyStream(cfg.dataset, cfg.batch // world, seed, rank, world)
+    if is_toy(cfg):
+        return ToyStream(d.dataset, d.batch // world, cfg.train.seed, rank, world)
+    from ddaebm.data.images import ImageStream
+
+    return ImageStream(**image_stream_args(cfg), batch=d.batch // world, flip=d.flip, seed=cfg.train.seed,
+                       rank=rank, world=world)

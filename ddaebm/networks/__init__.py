@@ -1,11 +1,16 @@
-"""Networks: the energy f_θ, the generator G_φ and the encoder q_ψ, built from the model config."""
+"""Networks: the energy f_θ, the generator G_φ and the encoder q_ψ, built from the model config.
+
+`model.arch` picks a family (SPEC §2-§4, §7.5, §8): 'toy' MLPs on 2-D points; 'ncsnpp' U-Nets on images (the
+NCSN++ energy −½‖x − U(x, k)‖², the z-conditioned AdaGN NCSN++ generator, a convolutional encoder; DDPM++ is
+the same skeleton with fir=false, progressive_input=none); 'mnist_nice' (the NICE_t energy, an exact density at
+every k, with MLP generator and encoder on flat logit pixels).
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ddaebm.config import ModelConfig
-from ddaebm.networks.toy import ToyEncoder, ToyEnergy, ToyGenerator
 
 
 class GeneratorEncoder(nn.Module):
@@ -17,17 +22,69 @@ class GeneratorEncoder(nn.Module):
         self.encoder = encoder
 
 
+def _unet_args(cfg: ModelConfig, num_steps: int) -> dict:
+    return dict(image_size=cfg.image_size, channels=cfg.channels, nf=cfg.nf, ch_mult=tuple(cfg.ch_mult),
+                num_res_blocks=cfg.num_res_blocks, attn_resolutions=tuple(cfg.attn_resolutions), dropout=cfg.dropout,
+                fir=cfg.fir, progressive_input=cfg.progressive_input, num_steps=num_steps)
+
+
 def build_energy(cfg: ModelConfig, num_steps: int = 4) -> nn.Module:
-    """f_θ(x, k) for k ∈ {0..num_steps−1}."""
+    """f_θ(x, k) for k ∈ {0..num_steps−1}, a scalar per sample."""
     if cfg.arch == "toy":
+        from ddaebm.networks.toy import ToyEnergy
+
         return ToyEnergy(cfg.data_dim, cfg.hidden, cfg.t_emb_dim, num_steps)
+    if cfg.arch == "ncsnpp":
+        from ddaebm.networks.ncsnpp import NCSNppEnergy
+
+        return NCSNppEnergy(**_unet_args(cfg, num_steps))
+    if cfg.arch == "mnist_nice":
+        from ddaebm.networks.mnist import NICEEnergy
+
+        return NICEEnergy(dim=cfg.data_dim, hidden=cfg.nice_hidden, num_hidden=cfg.nice_layers,
+                          num_couplings=cfg.nice_couplings, num_steps=num_steps)
     raise ValueError(f"unknown model.arch {cfg.arch!r}")
+
+
+def _generator(cfg: ModelConfig, num_steps: int) -> nn.Module:
+    if cfg.arch == "toy":
+        from ddaebm.networks.toy import ToyGenerator
+
+        return ToyGenerator(cfg.data_dim, cfg.nz, cfg.hidden, cfg.t_emb_dim, cfg.gen_norm, num_steps)
+    if cfg.arch == "ncsnpp":
+        from ddaebm.networks.ncsnpp import NCSNppGenerator
+
+        return NCSNppGenerator(**_unet_args(cfg, num_steps), nz=cfg.nz, z_emb_dim=cfg.z_emb_dim, n_mlp=cfg.n_mlp)
+    from ddaebm.networks.mnist import MLPGenerator
+
+    return MLPGenerator(dim=cfg.data_dim, nz=cfg.nz, num_steps=num_steps)
+
+
+def _encoder(cfg: ModelConfig, num_steps: int) -> nn.Module:
+    if cfg.arch == "toy":
+        from ddaebm.networks.toy import ToyEncoder
+
+        return ToyEncoder(cfg.data_dim, cfg.nz, cfg.hidden, cfg.t_emb_dim, cfg.gen_norm, cfg.logvar_min,
+                          cfg.logvar_max, num_steps)
+    if cfg.arch == "ncsnpp":
+        from ddaebm.networks.encoders import ConvEncoder
+
+        return ConvEncoder(cfg.encoder, cfg.image_size, cfg.channels, cfg.nz, ngf=cfg.encoder_ngf,
+                           t_emb_dim=cfg.t_emb_dim, num_steps=num_steps, logvar_min=cfg.logvar_min,
+                           logvar_max=cfg.logvar_max)
+    from ddaebm.networks.mnist import MLPEncoder
+
+    return MLPEncoder(dim=cfg.data_dim, nz=cfg.nz, num_steps=num_steps, logvar_min=cfg.logvar_min,
+                      logvar_max=cfg.logvar_max)
 
 
 def build_generator_encoder(cfg: ModelConfig, with_encoder: bool = True, num_steps: int = 4) -> GeneratorEncoder:
-    if cfg.arch == "toy":
-        gen = ToyGenerator(cfg.data_dim, cfg.nz, cfg.hidden, cfg.t_emb_dim, cfg.gen_norm, num_steps)
-        enc = ToyEncoder(cfg.data_dim, cfg.nz, cfg.hidden, cfg.t_emb_dim, cfg.gen_norm, cfg.logvar_min,
-                         cfg.logvar_max, num_steps) if with_encoder else None
-        return GeneratorEncoder(gen, enc)
-    raise ValueError(f"unknown model.arch {cfg.arch!r}")
+    if cfg.arch not in ("toy", "ncsnpp", "mnist_nice"):
+        raise ValueError(f"unknown model.arch {cfg.arch!r}")
+    return GeneratorEncoder(_generator(cfg, num_steps), _encoder(cfg, num_steps) if with_encoder else None)
+
+
+def parameter_counts(energy: nn.Module, gen_enc: GeneratorEncoder) -> dict[str, int]:
+    """Trainable parameters per network, for the start-of-run summary and the README table."""
+    count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
+    return {"energy": count(energy), "generator": count(gen_enc.generator), "encoder": count(gen_enc.encoder)}

@@ -44,9 +44,13 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` in one rename, never leaving a half-written file."""
+    write_atomic_bytes(path, text.encode())
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ddaebm.config import DistConfig, OptimConfig
+from ddaebm.training.precision import autocast_bf16, keep_losses_in_fp32
 
 TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"
@@ -39,55 +39,6 @@ def ds_config(lr: float, o: OptimConfig, d: DistConfig, micro_batch: int, load_u
     if d.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return cfg
-
-
-def _fp32(out):
-    if torch.is_tensor(out):
-        return out.float() if out.is_floating_point() else out
-    return type(out)(_fp32(o) for o in out)
-
-
-def _autocast_forward(self, *args, **kwargs):
-    with torch.autocast(self.autocast_device, dtype=torch.bfloat16):
-        out = type(self).forward(self, *args, **kwargs)
-    return _fp32(out)
-
-
-def autocast_bf16(module: nn.Module) -> None:
-    """bf16 compute inside the networks, fp32 everywhere else (weights, Adam, losses, R1's square norm).
-
-    The networks mix dtypes internally (the step embedding is built in fp32), so casting the weights to bf16
-    (DeepSpeed's bf16 mode) breaks them; autocast picks the dtype per operation instead. The wrapper is a
-    bound method, so a deep copy (the EMA's shadow) rebinds it to the copy.
-    """
-    device = "cuda" if next(module.parameters()).is_cuda else "cpu"
-    callable_modules = [module] if type(module).forward is not nn.Module.forward else list(module.children())
-    for m in callable_modules:
-        if m is not None:
-            m.autocast_device = device
-            m.forward = types.MethodType(_autocast_forward, m)
-
-
-def _cast_inputs(module: nn.Module, args: tuple) -> tuple:
-    dtype = next(module.parameters()).dtype
-    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-
-def _outputs_to_fp32(module: nn.Module, args: tuple, out):
-    return _fp32(out)
-
-
-def keep_losses_in_fp32(module: nn.Module) -> None:
-    """Half-precision networks take fp32 inputs and return fp32 outputs.
-
-    So the losses, the R1 penalty's square norm and the transition log-densities around the networks are
-    computed in fp32; only the networks' own layers run in bf16/fp16. Hooks go on the modules the losses call
-    (a container such as GeneratorEncoder has no forward of its own: its children).
-    """
-    callable_modules = [module] if type(module).forward is not nn.Module.forward else list(module.children())
-    for m in filter(None, callable_modules):
-        m.register_forward_pre_hook(_cast_inputs)
-        m.register_forward_hook(_outputs_to_fp32)
 
 
 class DeepSpeedEngine:

@@ -15,6 +15,7 @@ import torch
 
 from ddaebm import distributed
 from ddaebm.config import Config, ConfigError, experiment_differences, to_yaml
+from ddaebm.data.stream import is_toy
 from ddaebm.evaluate import evaluate_toy, save_reals, save_snapshot
 from ddaebm.training.checkpoint import (ENGINES, complete_checkpoints, load_checkpoint, newest_valid_checkpoint,
                                         save_checkpoint, save_checkpoint_ranks, verify_checkpoint, write_atomic)
@@ -149,7 +150,7 @@ def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, 
                 monitor.close()
                 raise Preempted(step)
     monitor.close()
-    if lead and cfg.train.eval_at_end and trainer.step == cfg.train.steps:
+    if lead and cfg.train.eval_at_end and trainer.step == cfg.train.steps and is_toy(cfg):
         evaluate_toy(trainer, run_dir)
     return trainer
 

@@ -15,10 +15,11 @@ import torch
 
 from ddaebm import distributed
 from ddaebm.config import Config, to_dict
-from ddaebm.data.stream import build_stream
+from ddaebm.data.stream import build_stream, data_shape
 from ddaebm.diffusion.schedule import build_schedule
 from ddaebm.losses import ABLATIONS, StepBatch, draw_step_batch, energy_loss, generator_loss, lazy_r1_loss
 from ddaebm.networks import build_energy, build_generator_encoder
+from ddaebm.training.precision import autocast_bf16
 from ddaebm.training.ema import EMA
 from ddaebm.training.engine import TorchEngine
 
@@ -59,26 +60,55 @@ def build_torch_engines(t: "Trainer") -> dict[str, TorchEngine]:
     return {"energy": TorchEngine(t.energy, o.lr_d, o, clip), "generator": TorchEngine(t.gen_enc, o.lr_g, o, clip)}
 
 
+def resolve_device(name: str) -> torch.device:
+    """dist.device: 'auto' is this rank's GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("dist.device=cuda but CUDA is not available here; use dist.device=auto or cpu")
+    return torch.device("cuda", distributed.discover().local_rank)
+
+
 class Trainer:
     """Holds everything one training run mutates; `train_step` is one DDAEBM iteration."""
 
     def __init__(self, cfg: Config, rank: int = 0, world: int = 1, engine_factory=build_torch_engines):
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.device = resolve_device(cfg.dist.device)
         self.terms = ABLATIONS[cfg.loss.ablation]
-        self.schedule = build_schedule(cfg.diffusion)
+        self.schedule = build_schedule(cfg.diffusion).to(self.device)
+        self.data_shape = data_shape(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.energy = build_energy(cfg.model, cfg.diffusion.num_steps)
-        self.gen_enc = build_generator_encoder(cfg.model, self.terms.encoder, cfg.diffusion.num_steps)
+        self.energy = self._placed(build_energy(cfg.model, cfg.diffusion.num_steps))
+        self.gen_enc = self._placed(build_generator_encoder(cfg.model, self.terms.encoder, cfg.diffusion.num_steps))
         self.engines = engine_factory(self)
         self.modules = {"energy": self.energy, "generator": self.gen_enc}
+        if cfg.dist.precision == "bf16" and cfg.dist.backend == "torch":  # DeepSpeed engines wrap their own
+            for module in self.modules.values():
+                autocast_bf16(module)
         self.ema = EMA(self.modules, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        self.stream = build_stream(cfg.data, cfg.train.seed, rank, world)
+        self._stream, self._stream_state = None, None  # opened on first use: sampling needs no data
         # The same on every rank: each draws the global batch's randomness and keeps its slice (draw_step_batch).
-        self.rng = torch.Generator().manual_seed(cfg.train.seed * 7919 + 17)
+        self.rng = torch.Generator(device=self.device).manual_seed(cfg.train.seed * 7919 + 17)
         self.phases = build_phases(cfg)
         self.step = 0
         self.nonfinite_total = 0  # iterations with a skipped (NaN/Inf loss) phase, over the whole run
         self.nonfinite_streak = 0  # consecutive such iterations up to now
+
+    def _placed(self, module: torch.nn.Module) -> torch.nn.Module:
+        module = module.to(self.device)
+        if self.cfg.model.channels_last and len(self.data_shape) == 3:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+    @property
+    def stream(self):
+        """The training data stream, opened on first use at the position a loaded checkpoint recorded."""
+        if self._stream is None:
+            self._stream = build_stream(self.cfg, self.rank, self.world)
+            if self._stream_state is not None:
+                self._stream.load_state_dict(self._stream_state)
+        return self._stream
 
     def learning_rates(self) -> dict[str, float]:
         o = self.cfg.optim
@@ -121,10 +151,15 @@ class Trainer:
         self.nonfinite_total += skipped
         self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
         stats["nonfinite"] = torch.tensor(float(skipped))
+        if hasattr(self._stream, "decode_errors"):  # image data: undecodable samples skipped so far (on_error=skip)
+            stats["decode_errors"] = torch.tensor(float(self._stream.decode_errors))
         return stats
 
     def _draw(self) -> StepBatch:
-        return draw_step_batch(self.stream.next_batch(), self.schedule, self.gen_enc.generator, self.terms,
+        x0 = self.stream.next_batch().to(self.device, non_blocking=True)
+        if self.cfg.model.channels_last and x0.dim() == 4:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        return draw_step_batch(x0, self.schedule, self.gen_enc.generator, self.terms,
                                self.cfg.model.nz, self.rng, self.rank, self.world)
 
     # ---- what a checkpoint carries: everything a bit-exact continuation needs
@@ -134,8 +169,8 @@ class Trainer:
             "config": to_dict(self.cfg),
             "engines": {name: e.state_dict() for name, e in self.engines.items()},
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "stream": self.stream.state_dict(),
-            "rng": {"step": self.rng.get_state(), "torch": torch.get_rng_state()},
+            "stream": self._stream.state_dict() if self._stream is not None else self._stream_state,
+            "rng": {"step": self.rng.get_state(), "torch": torch.get_rng_state(), "cuda": self._cuda_rng()},
             "nonfinite": {"total": self.nonfinite_total, "streak": self.nonfinite_streak},
             "world": self.world,
         }
@@ -148,11 +183,18 @@ class Trainer:
             if state["ema"] is None:
                 raise ValueError("checkpoint has no EMA but optim.ema_decay > 0")
             self.ema.load_state_dict(state["ema"])
-        self.stream.load_state_dict(state["stream"])
+        self._stream_state = state["stream"]
+        if self._stream is not None:
+            self._stream.load_state_dict(state["stream"])
         self.rng.set_state(state["rng"]["step"])
         torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:  # dropout's noise on the GPU
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         counts = state.get("nonfinite", {})
         self.nonfinite_total, self.nonfinite_streak = counts.get("total", 0), counts.get("streak", 0)
+
+    def _cuda_rng(self):
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
 
     def sampling_networks(self, use_ema: bool = True):
         """(generator+encoder, energy) to sample and score with: the EMA copies when kept."""
