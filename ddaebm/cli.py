@@ -115,6 +115,8 @@ def _sample_images(trainer, args) -> int:
     Under a launcher (torchrun, srun) each rank takes a contiguous block of the indices 0..num−1; sample i comes
     from its own seed, so the files hold the same images whatever --batch or the number of ranks.
     """
+    import numpy as np
+
     from ddaebm import distributed
     from ddaebm.data.pixels import save_grid, to_uint8
     from ddaebm.evaluate import generate
@@ -204,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw samples with the 4-step sampler")
     s.add_argument("run_dir")
-    s.add_argument("--num", type=int, required=True)
+    # --num-samples: the spelling to use under torchrun, whose own parser takes --num for an abbreviation of --numa-binding.
+    s.add_argument("--num", "--num-samples", dest="num", type=int, required=True)
     s.add_argument("--out", required=True, help="FILE.npy (toy) or a folder (images: .npz batches and grid.png)")
     s.add_argument("--batch", type=int, default=256, help="images per .npz file and per generator batch")
     s.add_argument("--refine", action="store_true", help="one energy refinement step (sample.refine_step)")

@@ -301,6 +301,9 @@ def _check_choices(cfg: DictConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
     _check_variances(cfg.diffusion)
+    if cfg.dist.precision == "fp16" and cfg.dist.backend != "deepspeed":
+        raise ConfigError("dist.precision=fp16 needs dist.backend=deepspeed (its dynamic loss scaling); "
+                          "the torch backend offers fp32 and bf16")
     if cfg.dist.grad_clip < 0 or cfg.dist.timeout_s < 1 or cfg.train.max_nonfinite < 0:
         raise ConfigError("dist.grad_clip and train.max_nonfinite must be ≥ 0, dist.timeout_s ≥ 1")
     for key in ("data.batch", "train.steps", "diffusion.num_steps", "model.nz", "loss.r1_interval"):

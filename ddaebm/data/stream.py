@@ -67,8 +67,11 @@ def image_stream_args(cfg: Config) -> dict:
                 preprocess=d.preprocess, loader=d.loader, workers=d.workers, on_error=d.on_error)
 
 
-def build_stream(cfg: Config, rank: int = 0, world: int = 1):
-    """The training stream of this rank: a toy distribution or a shard set (global batch / world rows each)."""
+def build_stream(cfg: Config, rank: int = 0, world: int = 1, device: torch.device | None = None):
+    """The training stream of this rank: a toy distribution or a shard set (global batch / world rows each).
+
+    `device`: the training device; DALI decodes on that GPU (`mixed`), or on the CPU when training there.
+    """
     d = cfg.data
     if d.batch % world:
         raise ValueError(f"data.batch={d.batch} (the global batch) does not divide over {world} ranks; "
@@ -77,5 +80,6 @@ def build_stream(cfg: Config, rank: int = 0, world: int = 1):
         return ToyStream(d.dataset, d.batch // world, cfg.train.seed, rank, world)
     from ddaebm.data.images import ImageStream
 
+    gpu = None if device is None else (device.index or 0) if device.type == "cuda" else -1
     return ImageStream(**image_stream_args(cfg), batch=d.batch // world, flip=d.flip, seed=cfg.train.seed,
-                       rank=rank, world=world)
+                       rank=rank, world=world, device=gpu)

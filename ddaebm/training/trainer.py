@@ -105,7 +105,7 @@ class Trainer:
     def stream(self):
         """The training data stream, opened on first use at the position a loaded checkpoint recorded."""
         if self._stream is None:
-            self._stream = build_stream(self.cfg, self.rank, self.world)
+            self._stream = build_stream(self.cfg, self.rank, self.world, self.device)
             if self._stream_state is not None:
                 self._stream.load_state_dict(self._stream_state)
         return self._stream
