@@ -17,6 +17,7 @@ from ddaebm import distributed
 from ddaebm.config import Config, ConfigError, experiment_differences, to_yaml
 from ddaebm.data.stream import is_toy
 from ddaebm.evaluate import evaluate_toy, save_reals, save_snapshot
+from ddaebm.networks import parameter_counts
 from ddaebm.training.checkpoint import (ENGINES, complete_checkpoints, load_checkpoint, newest_valid_checkpoint,
                                         save_checkpoint, save_checkpoint_ranks, verify_checkpoint, write_atomic)
 from ddaebm.training.monitor import Monitor
@@ -130,6 +131,9 @@ def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, 
     monitor = Monitor(run_dir, cfg.train.steps, trainer.step, cfg.data.batch, cfg.train.log_every, lead, reduce)
     monitor.write(f"{'resumed at' if state else 'starting'} step {trainer.step}/{cfg.train.steps} in {run_dir}"
                   + (f" on {world} ranks" if world > 1 else ""))
+    counts = parameter_counts(trainer.energy, trainer.gen_enc)
+    monitor.write("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
+                  + f"; device {trainer.device}, {cfg.dist.precision}")
     if lead and trainer.step == 0:
         save_reals(trainer, run_dir)
     stop = cfg.train.steps if slice_steps is None else min(cfg.train.steps, trainer.step + slice_steps)
