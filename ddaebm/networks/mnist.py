@@ -129,8 +129,9 @@ class NICEEnergy(nn.Module):
         device = self.log_scale.device
         if not torch.is_tensor(k):
             k = torch.full((n,), int(k), dtype=torch.long, device=device)
-        y = torch.randn(n, self.dim, generator=generator, device=device)
-        return self.inverse(y, k)
+        # Drawn on the generator's device (a CPU generator gives the same samples on any device), then moved.
+        y = torch.randn(n, self.dim, generator=generator, device=generator.device if generator else device)
+        return self.inverse(y.to(device), k)
 
 
 # ------------------------------------------------------------------------------------ MLP generator / encoder
