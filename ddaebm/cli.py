@@ -99,6 +99,9 @@ def _sample(args) -> int:
     if args.num < 1 or args.batch < 1:
         raise ConfigError(f"--num and --batch must be ≥ 1, got {args.num} and {args.batch}")
     run_dir = _run_dir(args.run_dir)
+    out = Path(args.out)
+    if not out.parent.is_dir():  # checked before the (slow) restore: bad input fails at once
+        raise ConfigError(f"--out {args.out}: folder {out.parent} does not exist")
     trainer = trainer_from_run(run_dir)
     if not is_toy(trainer.cfg):
         return _sample_images(trainer, args)
@@ -232,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--range", type=float, nargs=2, metavar=("LO", "HI"))
     et.add_argument("--seed", type=int, default=0)
     et.set_defaults(fn=_eval)
+    from ddaebm.metrics.commands import add_eval_parsers
+
+    add_eval_parsers(esub)  # fid, is, ood, modes, nll (ddaebm/metrics/commands.py)
 
     c = sub.add_parser("print-config", help="the resolved, typed config", usage="ddaebm print-config CONFIG [key=value ...]")
     c.add_argument("config")

@@ -110,11 +110,18 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where small collectives' tensors must live: the rank's GPU under NCCL (it reduces CUDA tensors only)."""
+    if is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any (a stop or skip decision all ranks must share)."""
     if world_size() == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item() > 0)
 
@@ -123,9 +130,9 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """The mean of `t` over ranks (for logged statistics; every rank must call it with the same shape)."""
     if world_size() == 1:
         return t
-    t = t.detach().float().clone()
+    t = t.detach().float().to(collective_device()).clone()
     torch.distributed.all_reduce(t)
-    return t / world_size()
+    return (t / world_size()).cpu()
 
 
 def _flush() -> None:
