@@ -234,3 +234,24 @@ def test_parameter_counts_match_the_official_networks(cfg, gen_count, energy_cou
     with torch.device("meta"):
         gen, energy = NCSNppGenerator(**cfg), NCSNppEnergy(**cfg)
     assert (_count(gen), _count(energy)) == (gen_count, energy_count)
+
+
+@pytest.mark.parametrize("up, down, pad", [(1, 2, (1, 1)), (2, 1, (2, 1)), (1, 1, (1, 2)), (1, 2, (-1, 1)),
+                                           (2, 1, (1, 0))])
+def test_separable_taps_equal_the_2d_kernel(up, down, pad):
+    """The networks' fast separable path (1-D taps) is the same filter as the depthwise 2-D convolution."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    got = fir.upfirdn2d(x, fir.fir_taps().double(), up=up, down=down, pad=pad)
+    torch.testing.assert_close(got, fir.upfirdn2d(x, fir.fir_kernel().double(), up=up, down=down, pad=pad))
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    for fn in (fir.upsample_2d, fir.downsample_2d):
+        torch.testing.assert_close(fn(x, fir.fir_taps().double()), fn(x, fir.fir_kernel().double()))
+    torch.testing.assert_close(fir.upsample_conv_2d(x, w, fir.fir_taps().double()),
+                               fir.upsample_conv_2d(x, w, fir.fir_kernel().double()))
+
+
+def test_separable_taps_double_backward():
+    taps = fir.fir_taps().double()
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: fir.upsample_2d(t, taps).square(), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: fir.downsample_2d(t[..., :4, :4], taps).square(), (x,))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddaebm.networks.embedding import sinusoidal_embedding
-from ddaebm.networks.fir import downsample_2d, fir_kernel
+from ddaebm.networks.fir import downsample_2d, fir_taps
 
 KINDS = ("small", "64", "large")
 SLOPE = 0.2  # LeakyReLU slope of every encoder activation
@@ -128,7 +128,7 @@ class DownConvBlock(nn.Module):
         self.conv2 = conv(n_out, n_out, 3, 1, scale=0.0)
         self.t_bias = dense(t_emb_dim, n_out)
         self.skip = conv(n_in, n_out, 1, 0, bias=False)
-        self.register_buffer("kernel", fir_kernel(), persistent=False)
+        self.register_buffer("kernel", fir_taps(), persistent=False)
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.leaky_relu(x, SLOPE)) + self.t_bias(t_emb)[:, :, None, None]

@@ -8,6 +8,12 @@ dtype, any memory format.
 Conventions follow StyleGAN2 / Score-SDE: a 1-D kernel such as [1, 3, 3, 1] becomes the outer product with
 itself, normalised to sum 1, so a constant image stays constant (away from the zero-padded border);
 upsampling multiplies it by factor² because zero insertion leaves only one pixel in factor² non-zero.
+
+Every function takes the kernel either as the 2-D [n, n] filter (`fir_kernel`) or as the 1-D taps of a
+separable one (`fir_taps`, the same filter: outer(taps, taps)). The networks use the 1-D form: it runs as a few
+shifted, strided multiply-adds per axis (upsampling by polyphase, without the inserted zeros), which on a CPU
+is 2-10× faster than the depthwise convolution once R1's double backward goes through it (bench: forward,
+gradient and double backward of a [8, 256, 8, 8] FIR up: 616 → 52 ms).
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ def fir_kernel(taps: Sequence[float] = DEFAULT_TAPS) -> torch.Tensor:
     return k / k.sum()
 
 
+def fir_taps(taps: Sequence[float] = DEFAULT_TAPS) -> torch.Tensor:
+    """The 1-D taps / their sum, [n] float32: the separable form of fir_kernel(taps)."""
+    k = torch.as_tensor(taps, dtype=torch.float32)
+    return k / k.sum()
+
+
 def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
               pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """Upsample by zero insertion, pad, convolve with `kernel`, keep every `down`-th sample ([B, C, H', W']).
@@ -35,7 +47,53 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
     pad = (before, after) applies to both spatial axes; a negative value crops. The output size per axis is
     (n·up + before + after − kh) // down + 1. "Convolve" is a true convolution, i.e. a cross-correlation
     with the flipped kernel (the FIR taps used here are symmetric, so the flip only matters for others).
+    A 1-D `kernel` is the separable filter outer(kernel, kernel).
     """
+    if kernel.dim() == 1:
+        for dim in (2, 3):
+            x = _upfirdn1d(x, kernel.flip(0).tolist() if x.device.type == "cpu" else kernel.flip(0), dim, up, down,
+                           pad)
+        return x
+    return _upfirdn2d_depthwise(x, kernel, up, down, pad)
+
+
+def _shifted(x: torch.Tensor, dim: int, start: int, length: int, step: int = 1) -> torch.Tensor:
+    """x[start : start + step·(length − 1) + 1 : step] along `dim` (the view a tap multiplies)."""
+    view = x.narrow(dim, start, step * (length - 1) + 1)
+    return view if step == 1 else view[(slice(None),) * dim + (slice(None, None, step),)]
+
+
+def _upfirdn1d(x: torch.Tensor, f, dim: int, up: int, down: int, pad: tuple[int, int]) -> torch.Tensor:
+    """upfirdn along one axis with the (already flipped) taps f: y[j] = Σ_k f[k]·z[j·down + k], z the zero-inserted,
+    padded input. With up > 1 only the taps that meet an input sample are applied (polyphase)."""
+    n, taps = x.shape[dim], len(f)
+    size = (n * up + pad[0] + pad[1] - taps) // down + 1
+    if up == 1:
+        z = _pad1d(x, dim, pad[0], pad[1])
+        return sum(f[k] * _shifted(z, dim, k, size, down) for k in range(taps))
+    if down != 1 or size % up:
+        raise ValueError(f"separable FIR supports up or down alone with whole phases (up={up}, down={down})")
+    # Output j = i·up + r reads input (i·up + r + k − pad0)/up for the taps k with (r + k − pad0) ≡ 0 (mod up).
+    lo = max(0, -min((r + k - pad[0]) // up for r in range(up) for k in range(taps)))
+    hi = max(0, max((r + k - pad[0]) // up for r in range(up) for k in range(taps)) + size // up - n)
+    xp = _pad1d(x, dim, lo, hi)
+    phases = []
+    for r in range(up):
+        terms = [f[k] * xp.narrow(dim, (r + k - pad[0]) // up + lo, size // up)
+                 for k in range(taps) if (r + k - pad[0]) % up == 0]
+        phases.append(sum(terms) if terms else torch.zeros_like(xp.narrow(dim, 0, size // up)))
+    return torch.stack(phases, dim=dim + 1).flatten(dim, dim + 1)
+
+
+def _pad1d(x: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:
+    if before == after == 0:
+        return x
+    spec = [0, 0] * (x.dim() - 1 - dim) + [before, after]
+    return F.pad(x, spec)
+
+
+def _upfirdn2d_depthwise(x: torch.Tensor, kernel: torch.Tensor, up: int, down: int,
+                         pad: tuple[int, int]) -> torch.Tensor:
     b, c, h, w = x.shape
     if up > 1:
         # Each pixel becomes the top-left of an up×up block of zeros.
@@ -47,10 +105,15 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
     return F.conv2d(x, weight, stride=down, groups=c)
 
 
+def _gain(kernel: torch.Tensor, factor: int) -> torch.Tensor:
+    """The kernel scaled for zero insertion: factor² in 2-D, factor per axis for separable taps."""
+    return kernel * factor ** kernel.dim()
+
+
 def upsample_2d(x: torch.Tensor, kernel: torch.Tensor, factor: int = 2) -> torch.Tensor:
     """FIR upsampling by `factor` ([B, C, H·factor, W·factor])."""
     p = kernel.shape[0] - factor
-    return upfirdn2d(x, kernel * factor**2, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
+    return upfirdn2d(x, _gain(kernel, factor), up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
 
 
 def downsample_2d(x: torch.Tensor, kernel: torch.Tensor, factor: int = 2) -> torch.Tensor:
@@ -68,7 +131,7 @@ def upsample_conv_2d(x: torch.Tensor, weight: torch.Tensor, kernel: torch.Tensor
     conv = weight.shape[-1]
     p = (kernel.shape[0] - factor) - (conv - 1)
     x = F.conv_transpose2d(x, weight.flip(2, 3).transpose(0, 1), stride=factor)
-    return upfirdn2d(x, kernel * factor**2, pad=((p + 1) // 2 + factor - 1, p // 2 + 1))
+    return upfirdn2d(x, _gain(kernel, factor), pad=((p + 1) // 2 + factor - 1, p // 2 + 1))
 
 
 def conv_downsample_2d(x: torch.Tensor, weight: torch.Tensor, kernel: torch.Tensor, factor: int = 2,

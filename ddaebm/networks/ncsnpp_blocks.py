@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddaebm.networks.fir import (conv_downsample_2d, downsample_2d, fir_kernel, naive_downsample_2d,
+from ddaebm.networks.fir import (conv_downsample_2d, downsample_2d, fir_taps, naive_downsample_2d,
                                  naive_upsample_2d, upsample_2d)
 
 RSQRT2 = 1.0 / math.sqrt(2.0)
@@ -158,7 +158,7 @@ class Resample(nn.Module):
         super().__init__()
         self.up, self.fir = up, fir
         if fir:
-            self.register_buffer("kernel", fir_kernel(), persistent=False)
+            self.register_buffer("kernel", fir_taps(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fir:
@@ -174,7 +174,7 @@ class ConvDownsample(nn.Module):
         self.fir = fir
         self.conv = conv3x3(in_ch, out_ch, stride=2, padding=0)
         if fir:
-            self.register_buffer("kernel", fir_kernel(), persistent=False)
+            self.register_buffer("kernel", fir_taps(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fir:
