@@ -123,7 +123,7 @@ def _sample_images(trainer, args) -> int:
     from ddaebm import distributed
     from ddaebm.data.pixels import save_grid, to_uint8
     from ddaebm.evaluate import generate
-    from ddaebm.training.checkpoint import write_atomic_bytes
+    from ddaebm.fsio import write_atomic_bytes
 
     out = Path(args.out)
     if out.suffix or not out.parent.is_dir():

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ddaebm.fsio import write_atomic
+
 FORMAT = "ddaebm-shards/1"
 INDEX_VERSION = "v1.2"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -81,15 +83,6 @@ class _HashingFile:
         return self.pos
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _tarinfo(member: str, size: int) -> tarfile.TarInfo:
     """Fixed metadata (mtime 0, root, read-only) so the same input writes byte-identical shards."""
     info = tarfile.TarInfo(member)
@@ -132,7 +125,7 @@ class ShardWriter:
         self.file.close()
         idx = self.path.with_name(index_name(self.path.name))
         os.replace(self.tmp, self.path)
-        _atomic_write_text(idx, f"{INDEX_VERSION} {len(self.lines)}\n" + "\n".join(self.lines) + "\n")
+        write_atomic(idx, f"{INDEX_VERSION} {len(self.lines)}\n" + "\n".join(self.lines) + "\n")
         return {"tar": self.path.name, "index": idx.name, "num_samples": len(self.keys),
                 "sha256": self.hashed.sha.hexdigest(), "bytes": self.hashed.pos,
                 "first_key": self.keys[0], "last_key": self.keys[-1]}
@@ -152,7 +145,7 @@ class ShardWriter:
 def write_manifest(root, manifest: dict) -> Path:
     """Written last: its presence is what marks the split complete."""
     path = manifest_path(root, manifest["name"], manifest["split"])
-    _atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+    write_atomic(path, json.dumps(manifest, indent=1) + "\n")
     return path
 
 

@@ -168,7 +168,7 @@ def cache_path(cache_dir: Path, key: dict) -> Path:
 
 
 def save_stats(path: Path, stats: FIDStats, key: dict) -> None:
-    from ddaebm.training.checkpoint import write_atomic_bytes
+    from ddaebm.fsio import write_atomic_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()

@@ -173,7 +173,7 @@ def classifier_for(mnist_root, name: str, epochs: int = 8, seed: int = 0, cache_
     """
     from ddaebm.data.shards import ShardSet
     from ddaebm.metrics.fid import shard_digest
-    from ddaebm.training.checkpoint import write_atomic, write_atomic_bytes
+    from ddaebm.fsio import write_atomic, write_atomic_bytes
 
     digests = []
     for split in ("train", "test"):

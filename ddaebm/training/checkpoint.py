@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ddaebm import distributed
+from ddaebm.fsio import write_atomic
 
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
@@ -40,20 +41,6 @@ class CheckpointWarning(UserWarning):
 
 def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename, never leaving a half-written file."""
-    write_atomic_bytes(path, text.encode())
-
-
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:

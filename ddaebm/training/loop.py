@@ -19,7 +19,8 @@ from ddaebm.data.stream import is_toy
 from ddaebm.evaluate import evaluate_toy, save_reals, save_snapshot
 from ddaebm.networks import parameter_counts
 from ddaebm.training.checkpoint import (ENGINES, complete_checkpoints, load_checkpoint, newest_valid_checkpoint,
-                                        save_checkpoint, save_checkpoint_ranks, verify_checkpoint, write_atomic)
+                                        save_checkpoint, save_checkpoint_ranks, verify_checkpoint)
+from ddaebm.fsio import write_atomic
 from ddaebm.training.monitor import Monitor
 from ddaebm.training.preemption import NonFiniteStop, Preempted, stop_signals
 from ddaebm.training.trainer import Trainer
