@@ -1,0 +1,130 @@
+"""`sbatch slurm/lsun_church.sh` on a real single-node SLURM (munged, slurmctld, slurmd started here).
+
+The job trains tiny LSUN-shaped networks on 128² shards on 2 DeepSpeed ranks (2 SLURM tasks), gets the
+preemption warning SIGUSR1 in its batch shell (`scancel --signal=USR1 --batch`, what `--signal=B:USR1@300`
+sends before the time limit), checkpoints, requeues itself and resumes from its checkpoint to the end. The test
+cluster shortens SLURM's requeue hold (cred_expire + 1 s, 121 s by default) to 11 s; see slurm/ci/local_slurm.sh.
+Figures (sbatch → first step, signal → checkpointed exit → restart → first resumed step) are printed (pytest -s).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.cluster_utils import job_fields, local_slurm, lsun_like_shards, sbatch, wait_until
+
+pytestmark = pytest.mark.skipif(shutil.which("apt-get") is None and shutil.which("sbatch") is None,
+                                reason="neither SLURM nor apt-get to install it")
+pytest.importorskip("deepspeed")
+
+STEPS = 10
+# configs/tiny/lsun_church128.yaml made smaller still: the run stays 128², DDPM++-shaped, with fewer channels.
+TINY = ["dist.backend=deepspeed", f"train.steps={STEPS}", "train.ckpt_every=3", "train.log_every=1",
+        "train.snapshot_every=100000", "model.nf=4", "model.encoder_ngf=4", "model.attn_resolutions=[]"]
+# Fewer resources than the script's header asks for: 1 node, 2 tasks of 1 CPU, no GPU.
+SMALL = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=15"]
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    with local_slurm(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "stats.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _stamp(log: str, pattern: str) -> float:
+    """The time of the launcher's first log line matching `pattern` (its lines start with [ISO time])."""
+    m = re.search(r"^\[([^\]]+)\] slurm/launch\.sh: " + pattern, log, re.M)
+    assert m, f"no launcher line matching {pattern!r} in the job log:\n{log[-3000:]}"
+    return datetime.fromisoformat(m.group(1).replace("Z", "+00:00")).timestamp()
+
+
+def _finished(job: str, env: dict, log: Path):
+    fields = job_fields(job, env)
+    state = fields.get("JobState", "")
+    if state in DONE:
+        return fields
+    if state == "PENDING" and fields.get("Reason") not in (None, "None", "BeginTime", "Priority", "Resources"):
+        raise AssertionError(f"job {job} held: {fields.get('Reason')}\n{log.read_text()[-3000:]}")
+    return None
+
+
+def test_sbatch_lsun_church_preempted_requeued_resumed(slurm, tmp_path):
+    shards = lsun_like_shards(tmp_path)
+    env = dict(slurm, DDAEBM_CONFIG="configs/tiny/lsun_church128.yaml", DDAEBM_RUN_ROOT=str(tmp_path / "runs"))
+    run_dir, log = tmp_path / "runs" / "ci_church", tmp_path / "ci_church.out"
+
+    t_submit = time.time()
+    job = sbatch([*SMALL, "-J", "ci_church", f"--output={log}", "slurm/lsun_church.sh", f"data.root={shards}",
+                  *TINY], env)
+    wait_until(lambda: _rows(run_dir) or _finished(job, env, log), 300, "the first training step")
+    t_first_step = time.time()
+    assert _rows(run_dir), f"job ended before training:\n{log.read_text()[-3000:]}"
+    wait_until(lambda: len(_rows(run_dir)) >= 2 or _finished(job, env, log), 120, "a second step")
+
+    # The preemption warning, as --signal=B:USR1@300 delivers it: to the batch shell only.
+    t_signal = time.time()
+    r = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    seen = {}
+
+    def resumed_or_done():  # notes when the requeued run has written its first step
+        steps = [row["step"] for row in _rows(run_dir)]
+        if "stopped" not in seen and "exit status 143" in log.read_text():
+            seen["stopped"] = max(steps)
+        if "stopped" in seen and "resumed" not in seen and max(steps) > seen["stopped"]:
+            seen["resumed"] = time.time()
+        return _finished(job, env, log)
+
+    fields = wait_until(resumed_or_done, 420, "the requeued job to finish", poll=0.2)
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (fields, text[-4000:])
+    assert fields["Restarts"] == "1", (fields, text[-4000:])
+
+    # The first run checkpointed at the step it was in, exited 143, and the job requeued itself ...
+    m = re.search(r"preempted \(SIGUSR1\): stopped at step (\d+) with a checkpoint", text)
+    assert m, text[-4000:]
+    stopped = int(m.group(1))
+    assert 2 <= stopped < STEPS
+    assert "ranks ended with exit status 143 after SIGUSR1" in text
+    assert "restart 1:" in text and "requeuing job" in text
+    # ... and the requeued run resumed from that checkpoint in the same run dir, on 2 ranks, to the end.
+    assert f"resumed at step {stopped}/{STEPS} in {run_dir} on 2 ranks" in text
+    assert text.rstrip().splitlines()[-1].endswith("ranks ended with exit status 0")
+    assert [row["step"] for row in _rows(run_dir)] == list(range(1, STEPS + 1))  # every step once
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{STEPS:09d}"
+    assert (run_dir / f"slurm-{job}.out").resolve() == log.resolve()
+
+    # Figures for the report (launcher timestamps are wall-clock, like time.time()).
+    t_exit = _stamp(text, "ranks ended with exit status 143")
+    t_restart = _stamp(text, r"job \d+ 'ci_church' restart 1")
+    figures = {"sbatch_to_first_step_s": t_first_step - t_submit,
+               "signal_to_checkpointed_exit_s": t_exit - t_signal,
+               "exit_to_requeued_start_s": t_restart - t_exit,
+               "requeued_start_to_first_resumed_step_s": seen.get("resumed", float("nan")) - t_restart,
+               "total_job_s": time.time() - t_submit}
+    print("\nSLURM figures:", json.dumps({k: round(v, 1) for k, v in figures.items()}))
+
+def test_bad_input_fails_without_requeue(slurm, tmp_path):
+    """Exit status 2 (an unknown key) ends the job as FAILED 2:0 and is never requeued."""
+    env = dict(slurm, DDAEBM_RUN_ROOT=str(tmp_path / "runs"))
+    log = tmp_path / "bad.out"
+    job = sbatch([*SMALL, "-J", "ci_bad", f"--output={log}", "slurm/cifar10.sh", "loss.no_such_key=1"], env)
+    fields = wait_until(lambda: _finished(job, env, log), 180, "the job to fail")
+    text = log.read_text()
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", (fields, text[-3000:])
+    assert fields["Restarts"] == "0" and "no_such_key" in text and "requeuing" not in text
