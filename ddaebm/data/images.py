@@ -20,6 +20,7 @@ order stays deterministic).
 
 from __future__ import annotations
 
+import gc
 import io
 import warnings
 from dataclasses import dataclass
@@ -211,6 +212,13 @@ def _collate(rows, shape):
 
 
 def _worker_init(_):
+    """A forked decoding worker: one thread, and never collect what it inherited from the parent.
+
+    The parent may hold NVIDIA DALI pipelines (or their garbage); a cyclic collection in the worker would run
+    their finalizers, which wait on DALI threads that do not exist after fork, and the worker hangs forever
+    (seen in a test: a PIL plugin import triggered the collection). Frozen objects are never collected.
+    """
+    gc.freeze()
     torch.set_num_threads(1)
 
 
@@ -221,6 +229,11 @@ class PilBatches:
     def __init__(self, shards: ShardSet, t: Transform, plan: Iterator[Planned], workers: int):
         self.t = t
         sampler = ([(int(i), bool(f)) for i, f in zip(p.indices, p.flips)] for p in plan)
+        if workers:
+            from PIL import Image
+
+            Image.init()  # import PIL's format plugins here, once, not in every forked worker
+            gc.collect()  # and fork without garbage that a worker could finalise
         loader = torch.utils.data.DataLoader(
             _Decoded(shards, t), batch_sampler=sampler, num_workers=workers,
             collate_fn=partial(_collate, shape=t.shape), worker_init_fn=_worker_init if workers else None,
