@@ -2,11 +2,12 @@
 
     python bench/toy_step.py [--config configs/toy/25gaussians.yaml] [--iters 300] [--threads 1]
 
-Prints, for the project's trainer and for a straightforward baseline of the same math built in the same run
-(ATen's PReLU, the literal concatenated first layer, unfused Adam, R1 through autograd of the full
-conditional, toy data from Python loops as in the official code), the median time of one iteration after warm-up. The
-physical limit is the FLOPs one iteration performs (torch.utils.flop_counter's formulas: matmuls only) divided by the
-measured single-core throughput of a 200×300×300 fp32 matmul.
+Prints, for the project's trainer, for the same trainer with the toy fast path off ("generic": autograd through
+the toy networks, R1 by double backward; ddaebm/networks/toy_fused.py) and for a straightforward baseline of the same
+math built in the same run (ATen's PReLU, the literal concatenated first layer, unfused Adam, R1 through autograd of
+the full conditional, toy data from Python loops as in the official code), the median time of one iteration after
+warm-up. The physical limit is the FLOPs one iteration performs (torch.utils.flop_counter's formulas: matmuls only)
+divided by the measured single-core throughput of a 200×300×300 fp32 matmul.
 """
 
 from __future__ import annotations
@@ -29,20 +30,26 @@ from torch.utils.flop_counter import flop_registry
 from ddaebm.config import load_config
 from ddaebm.diffusion.schedule import log_transition
 from ddaebm.losses import draw_step_batch, generator_loss
+from ddaebm.networks import toy_fused
 from ddaebm.networks.layers import PReLU
 from ddaebm.networks.toy import BranchedInput
 from ddaebm.training.trainer import Trainer
 
 
-def median_ms(fn, iters: int, warmup: int) -> float:
+def median_ms(fn, iters: int, warmup: int, cpu: bool = False):
+    """Median wall-clock ms of fn; with cpu, also the median CPU time of this process (what a shared, busy
+    machine's preemptions leave out of the wall time)."""
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu_times = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    if cpu:
+        return 1000 * statistics.median(wall), 1000 * statistics.median(cpu_times)
+    return 1000 * statistics.median(wall)
 
 
 def matmul_gflops(m: int = 200, k: int = 300, n: int = 300, iters: int = 2000) -> float:
@@ -132,10 +139,13 @@ class BaselineStep:
 def measure(which: str, config: str, iters: int, warmup: int) -> dict:
     """ms/it, FLOPs and peak RSS of one implementation, in this (fresh) process."""
     trainer = Trainer(load_config(config))
-    step = trainer.train_step if which == "ddaebm" else BaselineStep(trainer)
+    if which == "generic":
+        toy_fused.enabled = False
+    step = BaselineStep(trainer) if which == "baseline" else trainer.train_step
     flops = flops_per_step(step)
-    ms = median_ms(step, iters, warmup)
-    return {"ms": ms, "flops": flops, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    ms, cpu_ms = median_ms(step, iters, warmup, cpu=True)
+    return {"ms": ms, "cpu_ms": cpu_ms, "flops": flops,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def measure_in_child(which: str, args) -> dict:
@@ -154,20 +164,22 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3, help="alternating measurements of each")
-    p.add_argument("--child", choices=("ddaebm", "baseline"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("ddaebm", "generic", "baseline"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(measure(args.child, args.config, args.iters, args.warmup)))
         return
     peak = matmul_gflops()
-    # Alternate the two so that a busy second core slows both alike.
-    runs = {"ddaebm": [], "baseline": []}
+    # Alternate them so that a busy second core slows all alike.
+    runs = {"ddaebm": [], "generic": [], "baseline": []}
     for _ in range(args.rounds):
         for which in runs:
             runs[which].append(measure_in_child(which, args))
     ours, base = runs["ddaebm"], runs["baseline"]
     ms, base_ms = statistics.median(r["ms"] for r in ours), statistics.median(r["ms"] for r in base)
+    generic_ms = statistics.median(r["ms"] for r in runs["generic"])
+    cpu = {which: statistics.median(r["cpu_ms"] for r in rs) for which, rs in runs.items()}
     flops, base_flops = ours[0]["flops"], base[0]["flops"]
     limit_ms = flops / (peak * 1e9) * 1e3
     print(f"config            {args.config}  (threads {args.threads}, {args.rounds} rounds of {args.iters} iterations)")
@@ -177,9 +189,14 @@ def main() -> None:
     rounds = {which: ", ".join(f"{r['ms']:.2f}" for r in rs) for which, rs in runs.items()}
     print(f"ddaebm            {ms:.2f} ms/it   {flops / (ms * 1e-3) / 1e9:.1f} GFLOP/s = "
           f"{100 * limit_ms / ms:.0f}% of the matmul limit   (rounds: {rounds['ddaebm']})")
+    print(f"generic           {generic_ms:.2f} ms/it   (rounds: {rounds['generic']})")
     print(f"baseline          {base_ms:.2f} ms/it   (rounds: {rounds['baseline']})")
-    print(f"speed-up          {base_ms / ms:.2f}x")
-    print(f"peak RSS          {max(r['rss_mb'] for r in ours):.0f} MB (baseline {max(r['rss_mb'] for r in base):.0f} MB)")
+    print(f"speed-up          {base_ms / ms:.2f}x over the baseline, {generic_ms / ms:.2f}x over generic")
+    print(f"CPU time / it     ddaebm {cpu['ddaebm']:.2f} ms, generic {cpu['generic']:.2f} ms, baseline "
+          f"{cpu['baseline']:.2f} ms: {cpu['baseline'] / cpu['ddaebm']:.2f}x, {cpu['generic'] / cpu['ddaebm']:.2f}x")
+    rss = {which: max(r["rss_mb"] for r in rs) for which, rs in runs.items()}
+    print(f"peak RSS          {rss['ddaebm']:.0f} MB (generic {rss['generic']:.0f} MB, "
+          f"baseline {rss['baseline']:.0f} MB)")
     if not math.isfinite(ms):
         raise SystemExit(1)
 

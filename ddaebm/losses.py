@@ -16,6 +16,7 @@ from torch import nn
 from ddaebm.config import LossConfig
 from ddaebm.diffusion.schedule import (Schedule, diffuse_pair, importance_weight, log_transition,
                                        posterior_mean, posterior_sample, transition_score)
+from ddaebm.networks import toy_fused
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,10 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
     Real and fake take separate passes: in one pass of 2B, the R1 double backward would also run over the
     fake half (measured: +13% FLOPs per iteration).
     """
+    if toy_fused.energy_supported(energy, b.x_k):  # the toy MLP: the same, R1's gradient in closed form
+        from ddaebm import toy_losses
+
+        return toy_losses.energy_loss(energy, s, b, cfg, with_r1, r1_scale)
     f_real = energy(b.x_k, b.k)
     f_fake = energy(b.x_fake.detach(), b.k)
     loss = -f_real.mean() + cfg.fake_weight * f_fake.mean()
@@ -117,6 +122,10 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
 
 def lazy_r1_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
     """The R1 penalty alone, scaled by its interval (StyleGAN2's lazy regularisation)."""
+    if toy_fused.energy_supported(energy, b.x_k):
+        from ddaebm import toy_losses
+
+        return toy_losses.lazy_r1_loss(energy, s, b, cfg)
     f_real = energy(b.x_k, b.k)
     r1 = r1_penalty(energy, s, b, f_real, cfg, scale=float(cfg.r1_interval))
     return r1, {"r1_lazy": r1.detach()}
@@ -150,8 +159,16 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
 def generator_loss(energy: nn.Module, gen_enc: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig,
                    terms: Terms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_G = −E_F + L_lat + L_rec + L_KL (SPEC §5), with the terms `terms` switches on."""
+    from ddaebm import toy_losses
+
+    if toy_losses.generator_supported(energy, gen_enc, b, cfg, terms):  # the toy MLPs: one node, same gradients
+        return toy_losses.generator_loss(energy, gen_enc, s, b, cfg)
     x_k = b.x_k.detach()
-    e_f = (energy(b.x_fake, b.k) + log_transition(s, b.x_fake, b.x_k1, b.k)).mean()
+    if toy_fused.energy_supported(energy, b.x_fake) and not any(p.requires_grad for p in toy_fused.spec(energy).params):
+        f_fake = toy_fused.energy_value(energy, b.x_fake, b.k)  # one autograd node, backward to x̃_k only
+    else:
+        f_fake = energy(b.x_fake, b.k)
+    e_f = (f_fake + log_transition(s, b.x_fake, b.x_k1, b.k)).mean()
     loss = -e_f
     stats = {"E_F": e_f.detach()}
     if terms.entropy:

@@ -1,0 +1,403 @@
+"""Hand-written passes of the toy MLPs (ddaebm/networks/toy.py): the same functions in far fewer operations.
+
+A toy iteration on one CPU core costs more in per-operation overhead and memory traffic than in arithmetic:
+autograd records thousands of small operations per iteration. Here a network's forward is a plain function that
+keeps what its backward needs, and its backward is written out:
+
+- the opening layer (`BranchedInput`) is one product: with X = [pre(x) | onehot(k)] (16 + T columns) and
+  C = [[W_post, b_post·1ᵀ], [0, emb(all k)ᵀ]] (64 × (16 + T)), BranchedInput(x, k) = b_first + X·(W_first·C)ᵀ.
+  Its backward is three products: G = ∂h0ᵀ·X, ∂W_first = G·Cᵀ, ∂C = W_firstᵀ·G;
+- BatchNorm runs through ATen's own kernels (batch statistics and running averages as nn.BatchNorm1d's), per
+  group of rows: passes of one network with the same weights (the encoder's two) share their matrix products
+  and keep separate statistics, as separate calls would;
+- `conditional_mlp` (generator and encoder bodies) and `energy_value` wrap these as single autograd nodes;
+- the passes read a module's tensors from a flat "spec" resolved once per module, not through nn.Module's
+  attribute lookups (a few hundred per iteration otherwise).
+
+ddaebm/toy_losses.py builds the two training objectives from them. Each entry point is used only where
+`*_supported` confirms the exact structure it was written for (the classes of ddaebm/networks/toy.py, no hooks,
+no autocast, one dtype); everything else, other networks included, takes the generic autograd path, which stays
+the definition these are tested against (tests/test_toy_fused.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _module
+
+from ddaebm.networks.layers import PReLU
+from ddaebm.networks.toy import BRANCH, FEATURES, BranchedInput, StepEmbedding, ToyEnergy, _ConditionalMLP
+
+_threshold_backward = torch.ops.aten.threshold_backward
+_bn_forward_out = torch.ops.aten.native_batch_norm.out
+_bn_backward = torch.ops.aten.native_batch_norm_backward
+_bn_backward_out = torch.ops.aten.native_batch_norm_backward.out
+
+# False: every toy network takes the generic autograd path (tests, the bench; DDAEBM_TOY_FUSED=0 for a whole run)
+enabled = os.environ.get("DDAEBM_TOY_FUSED", "1") != "0"
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within: the generic autograd path everywhere, the definition the fast path is tested against."""
+    global enabled
+    previous, enabled = enabled, False
+    try:
+        yield
+    finally:
+        enabled = previous
+
+
+# ---- where the fast path applies
+
+
+def is_linear(m) -> bool:
+    return type(m) is nn.Linear and m.bias is not None
+
+
+def _prelu(m) -> bool:
+    return type(m) is PReLU and m.weight.numel() == 1
+
+
+def _batch_norm(m) -> bool:
+    return type(m) is nn.BatchNorm1d and m.affine and m.track_running_stats and m.momentum is not None
+
+
+def _norm(m) -> bool:
+    return type(m) is nn.Identity or _batch_norm(m)
+
+
+def _branch_ok(bi) -> bool:
+    step = bi.step
+    return (type(bi) is BranchedInput and len(bi.pre) == 3 and is_linear(bi.pre[0]) and _norm(bi.pre[1])
+            and _prelu(bi.pre[2]) and is_linear(bi.post) and is_linear(bi.first) and type(step) is StepEmbedding
+            and len(step.net) == 3 and is_linear(step.net[0]) and _prelu(step.net[1]) and is_linear(step.net[2])
+            and bi.post.in_features == BRANCH and bi.first.in_features == 2 * FEATURES)
+
+
+def _energy_layout(energy) -> bool:
+    head = energy.head
+    return (len(head) == 4 and _prelu(head[0]) and is_linear(head[1]) and _prelu(head[2]) and is_linear(head[3])
+            and head[3].out_features == 1 and _branch_ok(energy.input) and type(energy.input.pre[1]) is nn.Identity)
+
+
+def mlp_layout(mlp) -> bool:
+    d = mlp.decoder
+    return (len(d) in (6, 8) and _norm(d[0]) and _prelu(d[1]) and is_linear(d[2]) and _norm(d[3]) and _prelu(d[4])
+            and is_linear(d[5]) and (len(d) == 6 or (_norm(d[6]) and _prelu(d[7]))) and _branch_ok(mlp.input))
+
+
+def _bn_spec(m) -> SimpleNamespace | None:
+    if type(m) is nn.Identity:
+        return None
+    return SimpleNamespace(m=m, w=m.weight, b=m.bias, rm=m.running_mean, rv=m.running_var, n=m.num_batches_tracked)
+
+
+def _branch_spec(bi: BranchedInput) -> SimpleNamespace:
+    """Direct references to BranchedInput's tensors: the passes skip nn.Module's attribute lookups."""
+    net = bi.step.net
+    return SimpleNamespace(a=bi.pre[0].weight, c=bi.pre[0].bias, bn0=_bn_spec(bi.pre[1]), a0=bi.pre[2].weight,
+                           post_w=bi.post.weight, post_b=bi.post.bias, t_w1=net[0].weight, t_b1=net[0].bias,
+                           t_a=net[1].weight, t_w2=net[2].weight, t_b2=net[2].bias, table=bi.step.table,
+                           steps=bi.step.table.shape[0], first_w=bi.first.weight, first_b=bi.first.bias)
+
+
+def energy_spec(energy: ToyEnergy) -> SimpleNamespace:
+    head = energy.head
+    sp = _branch_spec(energy.input)
+    sp.a1, sp.w2, sp.b2, sp.a2, sp.w3, sp.b3 = (head[0].weight, head[1].weight, head[1].bias, head[2].weight,
+                                                head[3].weight, head[3].bias)
+    return sp
+
+
+def mlp_spec(mlp: _ConditionalMLP) -> SimpleNamespace:
+    d = mlp.decoder
+    sp = _branch_spec(mlp.input)
+    sp.bn1, sp.a1, sp.w2, sp.b2 = _bn_spec(d[0]), d[1].weight, d[2].weight, d[2].bias
+    sp.bn2, sp.a2, sp.w3, sp.b3 = _bn_spec(d[3]), d[4].weight, d[5].weight, d[5].bias
+    sp.bn3, sp.a3 = (_bn_spec(d[6]), d[7].weight) if len(d) == 8 else (None, None)
+    sp.final = len(d) == 8
+    return sp
+
+
+def _snapshot(modules: tuple) -> list:
+    """What a layout check and a spec depend on: every module's children, parameters, buffers, BatchNorm settings."""
+    return [(*m._modules.values(), *m._parameters.values(), *m._buffers.values(), m.__dict__.get("momentum"))
+            for m in modules]
+
+
+# module -> (its submodules but itself, their snapshot, its spec) once its layout passed; weak (and holding no
+# reference to the module), so copies start afresh and a dropped module is forgotten
+_layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def supported_spec(module: nn.Module, layout, build, x: torch.Tensor) -> SimpleNamespace | None:
+    """`build(module)` (cached, with .params = module.parameters()) when the module's layout passes (checked once,
+    rechecked if anything in it was replaced), no hooks or per-instance forward (autocast_bf16's wrapper, a
+    swapped method) sit anywhere inside, no autocast is on, and the parameters are of x's dtype and device;
+    else None."""
+    entry = _layouts.get(module)
+    modules = (module, *entry[0]) if entry is not None else None
+    if entry is None or _snapshot(modules) != entry[1]:
+        if not layout(module):
+            return None
+        modules = tuple(module.modules())
+        sp = build(module)
+        sp.params = list(module.parameters())
+        entry = _layouts[module] = (modules[1:], _snapshot(modules), sp)
+    if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+            or getattr(_module, "_global_backward_pre_hooks", None) or not x.is_floating_point()
+            or torch.is_autocast_enabled(x.device.type)):
+        return None
+    for m in modules:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
+                or "forward" in m.__dict__:
+            return None
+    sp, dtype, device = entry[2], x.dtype, x.device
+    for p in sp.params:
+        if p.dtype != dtype or p.device != device:
+            return None
+    return sp
+
+
+def spec(module: nn.Module) -> SimpleNamespace:
+    """The spec of a module that passed its `*_supported` check."""
+    entry = _layouts.get(module)
+    if entry is None:
+        raise ValueError(f"{type(module).__name__}: call its *_supported check before the fast path")
+    return entry[2]
+
+
+def energy_supported(energy: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `energy` is exactly ToyEnergy as written (so the closed forms here are its gradients)."""
+    return enabled and type(energy) is ToyEnergy and supported_spec(energy, _energy_layout, energy_spec, x) is not None
+
+
+def mlp_supported(mlp: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `mlp` is exactly the generator/encoder template _ConditionalMLP as written."""
+    if not enabled or type(mlp) is not _ConditionalMLP:
+        return False
+    sp = supported_spec(mlp, mlp_layout, mlp_spec, x)
+    # nn.BatchNorm1d refuses a training batch of one: leave that error to it.
+    return sp is not None and (x.shape[0] > 1 or not (mlp.training and any(
+        b is not None for b in (sp.bn0, sp.bn1, sp.bn2, sp.bn3))))
+
+
+# ---- PReLU and BatchNorm
+
+
+def slope(h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """PReLU's derivative: 1 where h > 0, a elsewhere ((1 − a) + a is exactly 1 for a in (−1, 2])."""
+    return _threshold_backward((1 - a).expand_as(h), h, 0.0).add_(a)
+
+
+def masked(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """g where h ≤ 0, else 0: the part of g that multiplies a PReLU's learned slope."""
+    return g - _threshold_backward(g, h, 0.0)
+
+
+def prelu_backward(g: torch.Tensor, h: torch.Tensor, a: torch.Tensor,
+                   overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂/∂h, ∂/∂a) of Σ g·prelu(h, a), as layers._PReLUFunction's backward computes them; `overwrite`: g is a
+    temporary of the caller's, reused in place (one fresh tensor instead of three)."""
+    g_pos = _threshold_backward(g, h, 0.0)
+    g_neg = g.sub_(g_pos) if overwrite else g - g_pos
+    return g_pos.addcmul_(g_neg, a), torch.dot(g_neg.view(-1), h.view(-1)).view(1)
+
+
+def _batch_norm_forward(bn: SimpleNamespace | None, h: torch.Tensor, groups: int):
+    """nn.BatchNorm1d's forward on each of `groups` equal blocks of rows in turn (running averages updated in
+    training), or the identity."""
+    if bn is None:
+        return h, None
+    m = bn.m
+    if groups == 1:
+        if m.training:
+            bn.n.add_(1)
+        out, mean, invstd = torch.native_batch_norm(h, bn.w, bn.b, bn.rm, bn.rv, m.training, m.momentum, m.eps)
+        return out, [(mean, invstd)]
+    rows = h.shape[0] // groups
+    out, saved = torch.empty_like(h), []
+    for i in range(groups):
+        if m.training:
+            bn.n.add_(1)
+        mean, invstd = h.new_empty(h.shape[1]), h.new_empty(h.shape[1])
+        _bn_forward_out(h[i * rows:(i + 1) * rows], bn.w, bn.b, bn.rm, bn.rv, m.training, m.momentum, m.eps,
+                        out=out[i * rows:(i + 1) * rows], save_mean=mean, save_invstd=invstd)
+        saved.append((mean, invstd))
+    return out, saved
+
+
+def _batch_norm_backward(bn: SimpleNamespace | None, g: torch.Tensor, h: torch.Tensor, saved):
+    """(∂/∂input, [∂/∂weight, ∂/∂bias]) of a _batch_norm_forward, by ATen's BatchNorm backward."""
+    if bn is None:
+        return g, []
+    m = bn.m
+    if len(saved) == 1:
+        gi, gw, gb = _bn_backward(g, h, bn.w, bn.rm, bn.rv, *saved[0], m.training, m.eps, [True, True, True])
+        return gi, [gw, gb]
+    rows = h.shape[0] // len(saved)
+    gi, gw, gb = torch.empty_like(g), 0, 0
+    for i, (mean, invstd) in enumerate(saved):
+        block = slice(i * rows, (i + 1) * rows)
+        _, gw_i, gb_i = _bn_backward_out(g[block], h[block], bn.w, bn.rm, bn.rv, mean, invstd, m.training, m.eps,
+                                         [True, True, True], out0=gi[block], out1=torch.empty_like(bn.w),
+                                         out2=torch.empty_like(bn.b))
+        gw, gb = gw + gw_i, gb + gb_i
+    return gi, [gw, gb]
+
+
+# ---- BranchedInput as one product
+
+
+_eyes: dict = {}
+
+
+def one_hot(k: torch.Tensor, num_steps: int, like: torch.Tensor) -> torch.Tensor:
+    key = (num_steps, like.dtype, like.device)
+    if key not in _eyes:
+        _eyes[key] = torch.eye(num_steps, dtype=like.dtype, device=like.device)
+    return F.embedding(k, _eyes[key])
+
+
+def first_layer(sp: SimpleNamespace) -> dict:
+    """W_first·C ([hidden, 16 + T]; its first 16 columns are W_x·W_post) and what its backward needs."""
+    t1 = F.linear(sp.table, sp.t_w1, sp.t_b1)
+    a1 = F.prelu(t1, sp.t_a)
+    emb = F.linear(a1, sp.t_w2, sp.t_b2)
+    c = torch.block_diag(sp.post_w, emb.t())
+    c[:FEATURES, BRANCH:] += sp.post_b[:, None]
+    return dict(c=c, wc=sp.first_w @ c, t1=t1, a1=a1, emb=emb)
+
+
+def first_layer_grads(sp: SimpleNamespace, fl: dict, g: torch.Tensor, g_bias: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of [post.w, post.b, step.net.0.w, .b, step.net.1.w, step.net.2.w, .b, first.w, first.b] from
+    G = ∂(W_first·C) and ∂b_first."""
+    d_c = sp.first_w.t() @ g
+    d_emb = d_c[FEATURES:, BRANCH:].t()
+    d_t1, d_slope = prelu_backward(d_emb @ sp.t_w2, fl["t1"], sp.t_a, overwrite=True)
+    return [d_c[:FEATURES, :BRANCH], d_c[:FEATURES, BRANCH:].sum(1), d_t1.t() @ sp.table, d_t1.sum(0), d_slope,
+            d_emb.t() @ fl["a1"], d_emb.sum(0), g @ fl["c"].t(), g_bias]
+
+
+# ---- the generator's and encoder's body
+
+
+def mlp_forward(sp: SimpleNamespace, inputs: torch.Tensor, k: torch.Tensor, groups: int = 1):
+    """_ConditionalMLP.forward(inputs, k) (per group of rows, see the module docstring) and its cache."""
+    fl = first_layer(sp)
+    u = F.linear(inputs, sp.a, sp.c)
+    ub, bn0 = _batch_norm_forward(sp.bn0, u, groups)
+    x20 = torch.cat([F.prelu(ub, sp.a0), one_hot(k, sp.steps, u)], 1)
+    h0 = F.linear(x20, fl["wc"], sp.first_b)
+    h0b, bn1 = _batch_norm_forward(sp.bn1, h0, groups)
+    v1 = F.prelu(h0b, sp.a1)
+    h1 = F.linear(v1, sp.w2, sp.b2)
+    h1b, bn2 = _batch_norm_forward(sp.bn2, h1, groups)
+    v2 = F.prelu(h1b, sp.a2)
+    out = F.linear(v2, sp.w3, sp.b3)
+    c = dict(inputs=inputs, fl=fl, u=u, ub=ub, bn0=bn0, x20=x20, h0=h0, h0b=h0b, bn1=bn1, v1=v1, h1=h1, h1b=h1b,
+             bn2=bn2, v2=v2)
+    if sp.final:
+        ob, c["bn3"] = _batch_norm_forward(sp.bn3, out, groups)
+        c["o"], c["ob"] = out, ob
+        out = F.prelu(ob, sp.a3)
+    return out, c
+
+
+def mlp_backward(sp: SimpleNamespace, c: dict, g: torch.Tensor, input_grad: bool):
+    """(∂/∂inputs or None, parameter gradients in module.parameters() order) from ∂/∂output."""
+    tail = []
+    if sp.final:
+        g, d_a = prelu_backward(g, c["ob"], sp.a3)
+        g, d_bn = _batch_norm_backward(sp.bn3, g, c["o"], c["bn3"])
+        tail = [*d_bn, d_a]
+    d_out = [g.t() @ c["v2"], g.sum(0)]
+    g, d_a2 = prelu_backward(g @ sp.w3, c["h1b"], sp.a2, overwrite=True)
+    g, d_bn2 = _batch_norm_backward(sp.bn2, g, c["h1"], c["bn2"])
+    d_hidden = [g.t() @ c["v1"], g.sum(0)]
+    g, d_a1 = prelu_backward(g @ sp.w2, c["h0b"], sp.a1, overwrite=True)
+    g, d_bn1 = _batch_norm_backward(sp.bn1, g, c["h0"], c["bn1"])
+    first = first_layer_grads(sp, c["fl"], g.t() @ c["x20"], g.sum(0))
+    g, d_a0 = prelu_backward(g @ c["fl"]["wc"][:, :BRANCH], c["ub"], sp.a0, overwrite=True)
+    g, d_bn0 = _batch_norm_backward(sp.bn0, g, c["u"], c["bn0"])
+    grads = [g.t() @ c["inputs"], g.sum(0), *d_bn0, d_a0, *first, *d_bn1, d_a1, *d_hidden, *d_bn2, d_a2, *d_out, *tail]
+    return (g @ sp.a if input_grad else None), grads
+
+
+class _ConditionalMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sp, inputs, k, *parameters):
+        out, ctx.cache = mlp_forward(sp, inputs, k)
+        ctx.sp = sp
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        d_inputs, grads = mlp_backward(ctx.sp, ctx.cache, g, ctx.needs_input_grad[1])
+        return None, d_inputs, None, *[d if need else None for d, need in zip(grads, ctx.needs_input_grad[3:])]
+
+
+def conditional_mlp(mlp: _ConditionalMLP, inputs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """_ConditionalMLP.forward(inputs, k) as one autograd node (first derivatives only), after mlp_supported."""
+    sp = spec(mlp)
+    return _ConditionalMLPFunction.apply(sp, inputs, k, *sp.params)
+
+
+# ---- the energy
+
+
+def energy_forward(sp: SimpleNamespace, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """f(x, k) and what the input-gradient chain and the backward need (s: the PReLU slopes)."""
+    fl = first_layer(sp)
+    u = F.linear(x, sp.a, sp.c)
+    s0 = slope(u, sp.a0)
+    x20 = torch.cat([F.prelu(u, sp.a0), one_hot(k, sp.steps, u)], 1)
+    h0 = F.linear(x20, fl["wc"], sp.first_b)
+    s1 = slope(h0, sp.a1)
+    v1 = F.prelu(h0, sp.a1)
+    h1 = F.linear(v1, sp.w2, sp.b2)
+    s2 = slope(h1, sp.a2)
+    v2 = F.prelu(h1, sp.a2)
+    f = torch.addmv(sp.b3, v2, sp.w3[0])
+    return f, dict(x=x, fl=fl, u=u, s0=s0, x20=x20, h0=h0, s1=s1, v1=v1, h1=h1, s2=s2, v2=v2)
+
+
+def input_gradient_chain(sp: SimpleNamespace, c: dict) -> None:
+    """Into c: e2 = s2 ⊙ w3, d2 = W2ᵀe2, e1 = s1 ⊙ d2, d1 = Mᵀe1, e0 = s0 ⊙ d1 (∂f/∂ pre-activations (e) and
+    activations (d), row by row); ∇_x f = Aᵀe0."""
+    c["e2"] = e2 = c["s2"] * sp.w3
+    c["d2"] = d2 = e2 @ sp.w2
+    c["e1"] = e1 = d2 * c["s1"]
+    c["d1"] = d1 = e1 @ c["fl"]["wc"][:, :BRANCH]
+    c["e0"] = d1 * c["s0"]
+
+
+class _EnergyValue(torch.autograd.Function):
+    """f(x, k) of a frozen energy, with its backward to x: ∇_x f = Aᵀ e0 of the input-gradient chain."""
+
+    @staticmethod
+    def forward(ctx, sp, x, k):
+        f, ctx.cache = energy_forward(sp, x, k)
+        ctx.sp = sp
+        return f
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        input_gradient_chain(ctx.sp, ctx.cache)
+        return None, (ctx.cache["e0"] * g[:, None]) @ ctx.sp.a, None
+
+
+def energy_value(energy: ToyEnergy, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """f(x, k) for a frozen energy (no parameter requires grad), differentiable in x; after energy_supported."""
+    return _EnergyValue.apply(spec(energy), x, k)

@@ -1,0 +1,249 @@
+"""The two objectives of losses.py for the toy MLPs, each one autograd node with its gradients written out.
+
+Same values as energy_loss and generator_loss (they call the same helpers), same gradients up to float32
+rounding (tests/test_toy_fused.py); losses.py takes these only where `*_supported` says the networks and
+switches are the ones written for here, and its generic autograd path everywhere else.
+
+The energy step's R1 gradient in closed form. The toy energy is piecewise linear in x (PReLU): with u = A x + c,
+h0 = M·prelu(u) + (per-k rows), h1 = W2·prelu(h0) + b2, f = w3·prelu(h1) + b3 and s the PReLU slopes (1 where
+the input is > 0, the learned slope a elsewhere), its input gradient is the chain
+
+    e2 = s2 ⊙ w3,  d2 = W2ᵀe2,  e1 = s1 ⊙ d2,  d1 = Mᵀe1,  e0 = s0 ⊙ d1,  ∇_x f = Aᵀe0,
+
+whose slope masks are constant almost everywhere (autograd's double backward treats them so too). The e's are
+∂f/∂(pre-activations) and the d's ∂f/∂(activations), so the same chain gives the ordinary gradients of
+Σ_b ω_b f_b; and R1 = c·mean‖∇_x f + score‖² backpropagates through the chain with three more products.
+The two contributions to each weight share one product, e.g. ∂/∂W2 = e2ᵀ(ω ⊙ prelu(h0) + ∂R1/∂d2); real and
+fake samples share one pass of 2B rows, only the real ones carrying R1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ddaebm.config import LossConfig
+from ddaebm.diffusion.schedule import Schedule, importance_weight, log_transition, posterior_mean, transition_score
+from ddaebm.losses import (ABLATIONS, StepBatch, Terms, _gaussian_nll, kl_to_standard_normal, latent_nll,
+                           r1_expected_constant, recon_variance)
+from ddaebm.networks import toy_fused as tf
+from ddaebm.networks.toy import ToyEncoder, ToyGenerator
+
+BRANCH = tf.BRANCH
+
+
+# ---- the energy step
+
+
+class _EnergyObjective(torch.autograd.Function):
+    """loss = −w_real·mean f(real) + w_fake·mean f(fake) + c·mean‖∇_x f(real) + score‖², parameter gradients only.
+
+    x holds the real rows, then the fake ones; w_real is 1 (energy_loss) or 0 (lazy R1 alone). Returns
+    (loss, f, R1), f and R1 for the logs.
+    """
+
+    @staticmethod
+    def forward(ctx, sp, x, k, n_real, real_weight, fake_weight, r1_coef, score, *params):
+        f, c = tf.energy_forward(sp, x, k)
+        tf.input_gradient_chain(sp, c)
+        loss = -f[:n_real].mean() if real_weight else None
+        if x.shape[0] > n_real:
+            fake = fake_weight * f[n_real:].mean()
+            loss = fake if loss is None else loss + fake
+        r1 = f.new_zeros(())
+        if r1_coef:
+            grad = c["e0"][:n_real] @ sp.a
+            c["r"] = grad if score is None else grad + score
+            r1 = r1_coef * c["r"].pow(2).sum(1).mean()
+            loss = r1.clone() if loss is None else loss + r1
+        ctx.sp, ctx.cache, ctx.n_real, ctx.r1_coef = sp, c, n_real, r1_coef
+        ctx.weights = (real_weight, fake_weight)
+        ctx.mark_non_differentiable(f, r1)
+        ctx.set_materialize_grads(False)  # f and R1 are for the logs: no zero-filled gradients for them
+        return loss, f, r1
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, _g_f, _g_r1):
+        if g_loss is None:
+            return (None,) * (8 + len(ctx.needs_input_grad[8:]))
+        sp, c, nr = ctx.sp, ctx.cache, ctx.n_real
+        x, n = c["x"], c["x"].shape[0]
+        real_weight, fake_weight = ctx.weights
+        omega = torch.cat([(-real_weight / nr * g_loss).expand(nr),
+                           (fake_weight / max(n - nr, 1) * g_loss).expand(n - nr)]).to(x.dtype)  # ∂loss/∂f_b
+        w3, col = sp.w3[0], omega[:, None]
+        d1, d2, e0, e1, e2 = c["d1"], c["d2"], c["e0"], c["e1"], c["e2"]
+        # The terms Σ ω_b f_b: each weight's gradient is (chain)ᵀ(ω ⊙ the layer's input).
+        q_w2, q_first, q_a = c["v1"] * col, c["x20"] * col, x * col
+        d_w3 = c["v2"].t() @ omega
+        d_a2 = omega.dot(c["h1"].clamp_max(0) @ w3)
+        d_a1 = omega.dot((d2 * c["h0"].clamp_max(0)).sum(1))
+        d_a0 = omega.dot((d1 * c["u"].clamp_max(0)).sum(1))
+        if ctx.r1_coef:  # R1 backpropagated through the chain, real rows only
+            rho = c["r"] * (2 * ctx.r1_coef / nr * g_loss)  # ∂R1/∂∇_x f
+            de0 = rho @ sp.a.t()
+            dd1 = de0 * c["s0"][:nr]
+            de1 = dd1 @ c["fl"]["wc"][:, :BRANCH].t()
+            dd2 = de1 * c["s1"][:nr]
+            de2 = dd2 @ sp.w2.t()
+            q_w2[:nr] += dd2
+            q_first[:nr, :BRANCH] += dd1
+            q_a[:nr] += rho
+            d_w3 = d_w3 + (de2 * c["s2"][:nr]).sum(0)
+            d_a2 = d_a2 + tf.masked(de2, c["h1"][:nr]).sum(0).dot(w3)
+            d_a1 = d_a1 + tf.masked(de1, c["h0"][:nr]).view(-1).dot(d2[:nr].reshape(-1))
+            d_a0 = d_a0 + tf.masked(de0, c["u"][:nr]).view(-1).dot(d1[:nr].reshape(-1))
+        first = tf.first_layer_grads(sp, c["fl"], e1.t() @ q_first, e1.t() @ omega)
+        grads = [e0.t() @ q_a, e0.t() @ omega, d_a0.view(1), *first, d_a1.view(1), e2.t() @ q_w2, e2.t() @ omega,
+                 d_a2.view(1), d_w3[None], omega.sum().view(1)]
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[8:])]
+        return None, None, None, None, None, None, None, None, *grads
+
+
+def energy_objective(energy: nn.Module, x: torch.Tensor, k: torch.Tensor, n_real: int, real_weight: float,
+                     fake_weight: float, r1_coef: float, score: torch.Tensor | None):
+    """(loss, f [rows], R1) of the energy step for x = [real; fake] rows; `loss.backward()` reaches θ only.
+    After tf.energy_supported(energy, ...)."""
+    sp = tf.spec(energy)
+    return _EnergyObjective.apply(sp, x, k, n_real, real_weight, fake_weight, r1_coef, score, *sp.params)
+
+
+def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, with_r1: bool,
+                r1_scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """losses.energy_loss for the toy energy; b.x_k gets no gradient (nothing reads it)."""
+    n = b.x_k.shape[0]
+    r1_on = with_r1 and cfg.r1_gamma > 0
+    score = None
+    if r1_on and cfg.r1_target == "full_conditional":
+        score = transition_score(s, b.x_k.detach(), b.x_k1, b.k)
+    x = torch.cat([b.x_k.detach(), b.x_fake.detach()])
+    loss, f, r1 = energy_objective(energy, x, torch.cat([b.k, b.k]), n, 1.0, cfg.fake_weight,
+                                   0.5 * cfg.r1_gamma * r1_scale if r1_on else 0.0, score)
+    stats = {"f_real": f[:n].mean(), "f_fake": f[n:].mean()}
+    if r1_on:
+        stats["r1"] = r1
+        if cfg.r1_target == "full_conditional":
+            stats["r1_excess"] = r1 - r1_scale * r1_expected_constant(s, b.k, b.x_k[0].numel(), cfg.r1_gamma)
+    stats["loss_energy"] = loss.detach()
+    return loss, stats
+
+
+def lazy_r1_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
+    """losses.lazy_r1_loss for the toy energy."""
+    score = transition_score(s, b.x_k.detach(), b.x_k1, b.k) if cfg.r1_target == "full_conditional" else None
+    r1, _, _ = energy_objective(energy, b.x_k.detach(), b.k, b.x_k.shape[0], 0.0, 0.0,
+                                0.5 * cfg.r1_gamma * float(cfg.r1_interval), score)
+    return r1, {"r1_lazy": r1.detach()}
+
+
+# ---- the generator + encoder step (the full objective, SPEC §5)
+
+
+def _generator_layout(g) -> bool:
+    return type(g) is ToyGenerator and tf.mlp_layout(g.net)
+
+
+def _encoder_layout(e) -> bool:
+    return type(e) is ToyEncoder and tf.is_linear(e.mu) and tf.is_linear(e.logvar) and tf.mlp_layout(e.body)
+
+
+def _generator_spec(g: ToyGenerator):
+    return tf.mlp_spec(g.net)
+
+
+def _encoder_spec(e: ToyEncoder):
+    sp = tf.mlp_spec(e.body)
+    sp.mu_w, sp.mu_b, sp.lv_w, sp.lv_b, sp.lv_range = e.mu.weight, e.mu.bias, e.logvar.weight, e.logvar.bias, \
+        e.logvar_range
+    return sp
+
+
+def generator_supported(energy: nn.Module, gen_enc: nn.Module, b: StepBatch, cfg: LossConfig, terms: Terms) -> bool:
+    """Whether generator_loss below computes losses.generator_loss: the full objective with the ELBO recon, the toy
+    networks as written, the energy frozen."""
+    if not (tf.enabled and terms == ABLATIONS["full"] and cfg.recon_mode == "elbo_encoder" and b.x_k.shape[0] > 1
+            and tf.energy_supported(energy, b.x_fake)):
+        return False
+    gen, enc = getattr(gen_enc, "generator", None), getattr(gen_enc, "encoder", None)
+    return (not any(p.requires_grad for p in tf.spec(energy).params)
+            and tf.supported_spec(gen, _generator_layout, _generator_spec, b.x_fake) is not None
+            and tf.supported_spec(enc, _encoder_layout, _encoder_spec, b.x_fake) is not None)
+
+
+class _GeneratorObjective(torch.autograd.Function):
+    """L_G = −E_F + L_lat + L_rec + L_KL with gradients to x̃_k (hence, by autograd, to the generator pass that
+    made it) and to the generator's and encoder's parameters. The encoder's two passes (on x̃_k and on x_k) are
+    one pass of 2B rows with the BatchNorm statistics of each half."""
+
+    @staticmethod
+    def forward(ctx, s, cfg, e_sp, g_sp, q_sp, x_fake, x_k, x_k1, z, eps, k, *params):
+        n = x_fake.shape[0]
+        f, ec = tf.energy_forward(e_sp, x_fake, k)
+        e_f = (f + log_transition(s, x_fake, x_k1, k)).mean()
+        h, enc_cache = tf.mlp_forward(q_sp, torch.cat([torch.cat([x_fake, x_k1], 1), torch.cat([x_k, x_k1], 1)]),
+                                      torch.cat([k, k]), groups=2)
+        mu_all = torch.nn.functional.linear(h, q_sp.mu_w, q_sp.mu_b)
+        raw = torch.nn.functional.linear(h, q_sp.lv_w, q_sp.lv_b)
+        lv_all = raw.clamp(*q_sp.lv_range)
+        (mu_g, mu), (lv_g, lv) = mu_all.split(n), lv_all.split(n)
+        l_lat = cfg.lambda_ent * latent_nll(z, mu_g, lv_g).mean()
+        std = torch.exp(0.5 * lv)
+        x0_e, gen_cache = tf.mlp_forward(g_sp, torch.cat([x_k1, mu + std * eps], 1), k)
+        mean = posterior_mean(s, x0_e, x_k1, k)
+        var, w = recon_variance(s, k, cfg), importance_weight(s.t[k + 1], cfg.iw_alpha, cfg.iw_beta)
+        l_rec = cfg.lambda_rec * (w * _gaussian_nll(x_k, mean, var)).mean()
+        l_kl = cfg.lambda_kl * kl_to_standard_normal(mu, lv).mean()
+        loss = -e_f + l_lat + l_rec + l_kl
+        ctx.sps, ctx.s, ctx.cfg = (e_sp, g_sp, q_sp), s, cfg
+        ctx.cache = dict(ec=ec, x_fake=x_fake, x_k=x_k, x_k1=x_k1, z=z, eps=eps, k=k, h=h, enc=enc_cache, raw=raw,
+                         mu_all=mu_all, lv_all=lv_all, std=std, gen=gen_cache, mean=mean, var=var, w=w)
+        terms = (e_f, l_lat, l_rec, l_kl)
+        ctx.mark_non_differentiable(*terms)
+        ctx.set_materialize_grads(False)  # the terms are for the logs
+        return loss, *terms
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, *_):
+        if g_loss is None:
+            return (None,) * len(ctx.needs_input_grad)
+        (e_sp, g_sp, q_sp), s, cfg, c = ctx.sps, ctx.s, ctx.cfg, ctx.cache
+        x_fake, k, n = c["x_fake"], c["k"], c["x_fake"].shape[0]
+        m = g_loss / n
+        # −E_F: ∇ of f and of log N(x_{k+1}; a x̃, σ²) at x̃
+        tf.input_gradient_chain(e_sp, c["ec"])
+        d_fake = (c["ec"]["e0"] @ e_sp.a + transition_score(s, x_fake, c["x_k1"], k)) * -m
+        # L_rec through the generator's pass on z_E = μ + e^{logvar/2}·ε
+        d_mean = (m * cfg.lambda_rec) * (c["w"] / c["var"])[:, None] * (c["mean"] - c["x_k"])
+        d_gen_in, gen_grads = tf.mlp_backward(g_sp, c["gen"], s.post_c1[k][:, None] * d_mean, True)
+        d_z = d_gen_in[:, c["x_k1"].shape[1]:]
+        # the heads: (μ, logvar) of x̃_k (L_lat), then of x_k (L_rec, L_KL)
+        mu_g, mu = c["mu_all"].split(n)
+        lv_g, lv = c["lv_all"].split(n)
+        ev_g = torch.exp(lv_g)
+        den = 1e-6 + ev_g
+        d_mu = torch.cat([(m * cfg.lambda_ent) * (mu_g - c["z"]) / den, d_z + (m * cfg.lambda_kl) * mu])
+        d_lv = torch.cat([(m * cfg.lambda_ent) * (0.5 - 0.5 * (c["z"] - mu_g) ** 2 * ev_g / den ** 2),
+                          d_z * 0.5 * c["std"] * c["eps"] + (m * cfg.lambda_kl) * 0.5 * (torch.exp(lv) - 1)])
+        lo, hi = q_sp.lv_range
+        d_lv = d_lv * ((c["raw"] >= lo) & (c["raw"] <= hi))  # clamp's backward
+        d_h = d_mu @ q_sp.mu_w + d_lv @ q_sp.lv_w
+        d_enc_in, enc_grads = tf.mlp_backward(q_sp, c["enc"], d_h, ctx.needs_input_grad[5])
+        heads = [d_mu.t() @ c["h"], d_mu.sum(0), d_lv.t() @ c["h"], d_lv.sum(0)]
+        if ctx.needs_input_grad[5]:
+            d_fake = d_fake + d_enc_in[:n, :x_fake.shape[1]]
+        grads = [g if need else None for g, need in zip([*gen_grads, *enc_grads, *heads], ctx.needs_input_grad[11:])]
+        return (None,) * 5 + (d_fake if ctx.needs_input_grad[5] else None,) + (None,) * 5 + tuple(grads)
+
+
+def generator_loss(energy: nn.Module, gen_enc: nn.Module, s: Schedule, b: StepBatch,
+                   cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """losses.generator_loss with every term on (after `generator_supported`)."""
+    g_sp, q_sp = tf.spec(gen_enc.generator), tf.spec(gen_enc.encoder)
+    loss, e_f, l_lat, l_rec, l_kl = _GeneratorObjective.apply(
+        s, cfg, tf.spec(energy), g_sp, q_sp, b.x_fake, b.x_k.detach(), b.x_k1, b.z, b.enc_noise, b.k, *g_sp.params,
+        *q_sp.params)
+    stats = {"E_F": e_f, "L_lat": l_lat, "L_rec": l_rec, "L_KL": l_kl, "loss_gen": loss.detach()}
+    return loss, stats

@@ -1,0 +1,221 @@
+"""The toy fast path (ddaebm/networks/toy_fused.py) against the generic autograd path it replaces.
+
+Same losses, same parameter gradients (R1's and the PReLU slopes' included) up to float32 rounding, at every
+step k; and it steps aside for anything it was not written for.
+"""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from ddaebm.config import DiffusionConfig, LossConfig, ModelConfig
+from ddaebm.diffusion.schedule import build_schedule
+from ddaebm.losses import ABLATIONS, draw_step_batch, energy_loss, generator_loss, lazy_r1_loss
+from ddaebm.networks import build_energy, build_generator_encoder, toy_fused
+from ddaebm.training.precision import autocast_bf16
+
+SCHEDULE = build_schedule(DiffusionConfig(variance="geometric", beta_min=1e-4, beta_max=0.9999))
+TOL = dict(rtol=2e-4, atol=2e-5)
+
+
+def _nets(seed=0):
+    """Networks a little way into training: PReLU slopes and BatchNorm weights off their initial values."""
+    torch.manual_seed(seed)
+    energy, gen_enc = build_energy(ModelConfig()), build_generator_encoder(ModelConfig())
+    with torch.no_grad():
+        for p in [*energy.parameters(), *gen_enc.parameters()]:
+            if p.numel() == 1 or p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return energy, gen_enc
+
+
+def _batch(gen_enc, terms=ABLATIONS["full"], n=96, seed=1, k=None):
+    x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+    b = draw_step_batch(x0, SCHEDULE, gen_enc.generator, terms, 2, torch.Generator().manual_seed(seed + 1))
+    if k is not None:  # every row at one step
+        b.k = torch.full_like(b.k, k)
+    return b
+
+
+def _grads(module):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+
+
+def _close(names, grads):
+    """Each gradient within 1e-4 of its norm, plus float32 noise on the scale of the largest gradient: the biases
+    just before a BatchNorm have an exactly zero gradient, which both paths compute as rounding noise."""
+    fast, slow = grads
+    scale = max(g.norm() for g in slow)
+    for name, a, b in zip(names, fast, slow):
+        err = (a - b).norm()
+        assert err <= 1e-4 * b.norm() + 1e-6 * scale, f"{name}: |diff| {err:.3g}, |grad| {b.norm():.3g}"
+
+
+def _energy_step(energy, gen_enc, b, cfg, fused, lazy=False):
+    energy = copy.deepcopy(energy)
+    with (torch.enable_grad() if fused else toy_fused.disabled()):
+        loss, stats = (lazy_r1_loss if lazy else energy_loss)(energy, SCHEDULE, b, cfg)
+        loss.backward()
+    return loss, stats, _grads(energy), [n for n, _ in energy.named_parameters()]
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, None])
+@pytest.mark.parametrize("cfg", [LossConfig(r1_gamma=0.3), LossConfig(r1_gamma=0.02, fake_weight=0.1),
+                                 LossConfig(r1_gamma=0.3, r1_target="energy_only"), LossConfig(r1_gamma=0.0)])
+def test_energy_loss_and_gradients_match_autograd(k, cfg):
+    energy, gen_enc = _nets()
+    assert toy_fused.energy_supported(energy, torch.zeros(1, 2))
+    b = _batch(gen_enc, k=k)
+    loss, stats, grads, names = _energy_step(energy, gen_enc, b, cfg, fused=True)
+    loss_ref, stats_ref, grads_ref, _ = _energy_step(energy, gen_enc, b, cfg, fused=False)
+    assert set(stats) == set(stats_ref)
+    for key in stats:
+        torch.testing.assert_close(stats[key], stats_ref[key], **TOL)
+    torch.testing.assert_close(loss, loss_ref, **TOL)
+    _close(names, (grads, grads_ref))
+    # The R1 term on its own moves every weight it touches, the PReLU slopes among them.
+    if cfg.r1_gamma:
+        r1_only = dataclasses.replace(cfg, fake_weight=0.0)
+        _, _, g_fast, _ = _energy_step(energy, gen_enc, b, r1_only, fused=True)
+        _, _, g_slow, _ = _energy_step(energy, gen_enc, b, dataclasses.replace(r1_only, r1_gamma=0.0), fused=True)
+        r1_grads = {n: a - c for n, a, c in zip(names, g_fast, g_slow)}
+        assert all(r1_grads[n].abs().sum() > 0 for n in ("head.0.weight", "head.2.weight", "input.pre.2.weight",
+                                                         "head.1.weight", "head.3.weight", "input.first.weight"))
+
+
+def test_lazy_r1_matches_autograd():
+    energy, gen_enc = _nets()
+    b = _batch(gen_enc)
+    cfg = LossConfig(r1_gamma=0.3, r1_interval=4)
+    loss, stats, grads, names = _energy_step(energy, gen_enc, b, cfg, fused=True, lazy=True)
+    loss_ref, stats_ref, grads_ref, _ = _energy_step(energy, gen_enc, b, cfg, fused=False, lazy=True)
+    torch.testing.assert_close(loss, loss_ref, **TOL)
+    torch.testing.assert_close(stats["r1_lazy"], stats_ref["r1_lazy"], **TOL)
+    _close(names, (grads, grads_ref))
+
+
+def _generator_step(energy, gen_enc, terms, cfg, fused, k):
+    energy, gen_enc = copy.deepcopy(energy), copy.deepcopy(gen_enc)
+    energy.requires_grad_(False)
+    with (torch.enable_grad() if fused else toy_fused.disabled()):
+        b = _batch(gen_enc, terms, k=None)
+        if k is not None:  # redraw the fake at one k, the generator's graph kept
+            b = dataclasses.replace(b, k=torch.full_like(b.k, k))
+            b.x0_fake = gen_enc.generator(b.x_k1, b.k, b.z)
+            from ddaebm.diffusion.schedule import posterior_sample
+
+            b.x_fake = posterior_sample(SCHEDULE, b.x0_fake, b.x_k1, b.k, torch.randn_like(b.x_k1))
+        loss, stats = generator_loss(energy, gen_enc, SCHEDULE, b, cfg, terms)
+        loss.backward()
+    buffers = [t.clone() for t in gen_enc.buffers()]
+    return loss, stats, _grads(gen_enc), buffers, [n for n, _ in gen_enc.named_parameters()]
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, None])
+@pytest.mark.parametrize("ablation", list(ABLATIONS))
+def test_generator_loss_and_gradients_match_autograd(k, ablation):
+    energy, gen_enc = _nets()
+    terms, cfg = ABLATIONS[ablation], LossConfig(lambda_ent=0.1, recon_var_floor=0.01)
+    torch.manual_seed(5)
+    fast = _generator_step(energy, gen_enc, terms, cfg, True, k)
+    torch.manual_seed(5)
+    slow = _generator_step(energy, gen_enc, terms, cfg, False, k)
+    torch.testing.assert_close(fast[0], slow[0], **TOL)
+    for key in fast[1]:
+        torch.testing.assert_close(fast[1][key], slow[1][key], **TOL)
+    _close(fast[4], (fast[2], slow[2]))
+    for a, b in zip(fast[3], slow[3]):  # BatchNorm running averages and counts
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_conditional_mlp_matches_its_modules(train):
+    _, gen_enc = _nets()
+    for mlp, width in ((gen_enc.generator.net, 4), (gen_enc.encoder.body, 4)):
+        mlp.train(train)
+        x = torch.randn(50, width, requires_grad=True)
+        k = torch.randint(0, 4, (50,))
+        g_out = torch.randn(50, mlp.decoder[5].out_features)
+        assert toy_fused.mlp_supported(mlp, x)
+        ref_mlp = copy.deepcopy(mlp)
+        fast = toy_fused.conditional_mlp(mlp, x, k)
+        slow = ref_mlp.decoder(ref_mlp.input(x, k))
+        torch.testing.assert_close(fast, slow, **TOL)
+        params, ref_params = [x, *mlp.parameters()], [x, *ref_mlp.parameters()]
+        for a, b in zip(torch.autograd.grad((fast * g_out).sum(), params),
+                        torch.autograd.grad((slow * g_out).sum(), ref_params)):
+            torch.testing.assert_close(a, b, **TOL)
+        for a, b in zip(mlp.buffers(), ref_mlp.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_energy_value_input_gradient():
+    energy, _ = _nets()
+    energy.requires_grad_(False)
+    x = torch.randn(64, 2, requires_grad=True)
+    k = torch.randint(0, 4, (64,))
+    w = torch.randn(64)
+    assert toy_fused.energy_supported(energy, x)
+    (g_fast,) = torch.autograd.grad((toy_fused.energy_value(energy, x, k) * w).sum(), x)
+    (g_slow,) = torch.autograd.grad((energy(x, k) * w).sum(), x)
+    torch.testing.assert_close(g_fast, g_slow, **TOL)
+
+
+def test_fast_path_steps_aside():
+    energy, gen_enc = _nets()
+    x = torch.zeros(8, 2)
+    # autocast (dist.precision=bf16) wraps the networks' forward: the generic path keeps its numerics.
+    wrapped_e, wrapped_g = copy.deepcopy(energy), copy.deepcopy(gen_enc)
+    autocast_bf16(wrapped_e)
+    autocast_bf16(wrapped_g)
+    assert not toy_fused.energy_supported(wrapped_e, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not toy_fused.mlp_supported(gen_enc.generator.net, torch.zeros(8, 4))
+    # hooks, another dtype, a swapped layer, the switch
+    hooked = copy.deepcopy(energy)
+    hooked.head[1].register_forward_hook(lambda *a: None)
+    assert not toy_fused.energy_supported(hooked, x)
+    assert not toy_fused.energy_supported(copy.deepcopy(energy).double(), x)
+    swapped = copy.deepcopy(energy)
+    swapped.head[0] = torch.nn.PReLU()
+    assert not toy_fused.energy_supported(swapped, x)
+    with toy_fused.disabled():
+        assert not toy_fused.energy_supported(energy, x)
+        assert not toy_fused.mlp_supported(gen_enc.generator.net, torch.zeros(8, 4))
+    assert toy_fused.energy_supported(energy, x) and toy_fused.mlp_supported(gen_enc.generator.net, torch.zeros(8, 4))
+    # Other energies keep the generic losses (any energy(x, k) -> [B]).
+    other = torch.nn.Sequential(torch.nn.Linear(2, 1))
+    generic = lambda x, k: other(x).squeeze(1)  # noqa: E731
+    b = _batch(gen_enc)
+    loss, stats = energy_loss(generic, SCHEDULE, b, LossConfig(r1_gamma=0.1))
+    loss.backward()
+    assert other[0].weight.grad is not None and "r1" in stats
+
+
+def test_double_backward_through_the_fused_generator_is_refused():
+    _, gen_enc = _nets()
+    x = torch.randn(16, 2, requires_grad=True)
+    out = gen_enc.generator(x, torch.zeros(16, dtype=torch.long), torch.randn(16, 2))
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_trainer_takes_the_fast_path_for_the_toy_arch():
+    from ddaebm.config import load_config
+    from ddaebm.training.trainer import Trainer
+    from tests.conftest import CONFIGS
+
+    t = Trainer(load_config(CONFIGS / "toy" / "25gaussians.yaml", ["model.hidden=32", "data.batch=32"]))
+    t._train_only("generator")
+    b = t._draw()
+    assert type(b.x0_fake.grad_fn).__name__ == "_ConditionalMLPFunctionBackward"
+    t._train_only("energy")
+    loss, _ = energy_loss(t.energy, t.schedule, b, t.cfg.loss)
+    assert type(loss.grad_fn).__name__ == "_EnergyObjectiveBackward"
+    t._train_only("generator")
+    loss, _ = generator_loss(t.energy, t.gen_enc, t.schedule, b, t.cfg.loss, t.terms)
+    assert type(loss.grad_fn).__name__ == "_GeneratorObjectiveBackward"
+    t.train_step()
