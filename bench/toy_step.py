@@ -24,16 +24,18 @@ import time
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
-from ddaebm.config import load_config
-from ddaebm.diffusion.schedule import log_transition
-from ddaebm.losses import draw_step_batch, generator_loss
-from ddaebm.networks import toy_fused
-from ddaebm.networks.layers import PReLU
-from ddaebm.networks.toy import BranchedInput
-from ddaebm.training.trainer import Trainer
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import flops_of  # noqa: E402
+from ddaebm.config import load_config  # noqa: E402
+from ddaebm.diffusion.schedule import log_transition  # noqa: E402
+from ddaebm.losses import draw_step_batch, generator_loss  # noqa: E402
+from ddaebm.networks import toy_fused  # noqa: E402
+from ddaebm.networks.layers import PReLU  # noqa: E402
+from ddaebm.networks.toy import BranchedInput  # noqa: E402
+from ddaebm.training.trainer import Trainer  # noqa: E402
 
 
 def median_ms(fn, iters: int, warmup: int, cpu: bool = False):
@@ -56,31 +58,6 @@ def matmul_gflops(m: int = 200, k: int = 300, n: int = 300, iters: int = 2000) -
     a, b = torch.randn(m, k), torch.randn(k, n)
     ms = median_ms(lambda: torch.mm(a, b), iters, 200)
     return 2 * m * k * n / (ms * 1e-3) / 1e9
-
-
-class FlopCount(TorchDispatchMode):
-    """Counts FLOPs with torch.utils.flop_counter's formulas (matmuls, convs) at the dispatch level.
-
-    FlopCounterMode itself installs module hooks that break torch.autograd.grad (the R1 penalty).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
-        return out
-
-
-def flops_per_step(step) -> int:
-    with FlopCount() as counter:
-        step()
-    return counter.total
 
 
 def python_loop_25gaussians(batch: int) -> torch.Tensor:
@@ -142,7 +119,7 @@ def measure(which: str, config: str, iters: int, warmup: int) -> dict:
     if which == "generic":
         toy_fused.enabled = False
     step = BaselineStep(trainer) if which == "baseline" else trainer.train_step
-    flops = flops_per_step(step)
+    flops = flops_of(step)
     ms, cpu_ms = median_ms(step, iters, warmup, cpu=True)
     return {"ms": ms, "cpu_ms": cpu_ms, "flops": flops,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
