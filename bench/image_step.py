@@ -9,7 +9,10 @@ with channels_last, and with the FIR filters as 2-D depthwise convolutions (the 
 separable taps); `mse_no_r1` (γ = 0) is a different objective, timed only to give R1's share.
 The FLOPs are counted with torch.utils.flop_counter's formulas (convolutions and matmuls, forward, backward and
 R1's double backward); `conv peak` is the measured throughput of a 128→128 3×3 convolution forward+backward at
-the config's resolution, the practical limit of this machine for these networks.
+the config's resolution, the practical limit of this machine for these networks in fp32.
+`mse_bf16*` (not in the default set: `--variants mse_prior_z,mse_bf16,mse_bf16_channels_last`) run the networks'
+layers under bf16 autocast, with the energies, R1's norm and the losses in fp32 (dist.precision=bf16; this CPU
+has AVX512-BF16): the same objective and networks in another arithmetic.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ REFERENCE = {"s_per_it": 9.9, "img_per_s": 0.81, "gflop": 1706}
 # paper's ELBO (`elbo_encoder`), which also backpropagates the encoder's generator pass.
 MSE = ["loss.recon_mode=mse_prior_z"]
 VARIANTS = {"elbo_encoder": [], "mse_prior_z": MSE, "mse_channels_last": MSE + ["model.channels_last=true"],
-            "mse_fir_depthwise": MSE, "mse_no_r1": MSE + ["loss.r1_gamma=0"]}
+            "mse_fir_depthwise": MSE, "mse_no_r1": MSE + ["loss.r1_gamma=0"],
+            "mse_bf16": MSE + ["dist.precision=bf16"],
+            "mse_bf16_channels_last": MSE + ["dist.precision=bf16", "model.channels_last=true"]}
 
 
 class RandomImages:
@@ -95,7 +100,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS if "bf16" not in v))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
