@@ -117,13 +117,18 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any (a stop or skip decision all ranks must share)."""
+def any_ranks(flags: list[bool]) -> list[bool]:
+    """Each flag OR-ed over ranks, in one collective (decisions every rank must share: stop, skip)."""
     if world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=collective_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return [v > 0 for v in t.tolist()]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any."""
+    return any_ranks([flag])[0]
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:

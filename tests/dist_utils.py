@@ -20,9 +20,15 @@ import torch
 from tests.conftest import CONFIGS, ROOT
 
 CFG = str(CONFIGS / "toy" / "25gaussians.yaml")
-# Tiny and without BatchNorm, whose batch statistics differ between a per-rank and the global batch.
+# Tiny and without BatchNorm, whose batch statistics differ between a per-rank and the global batch. Adam's ε
+# at 1e-3 (not 1e-8): Adam's first updates are ≈ lr·sign(g), so gradient entries that are zero up to float32
+# rounding (1e-10 .. 1e-9 in this tiny network) would move by up to ~lr/10 whichever way the rounding of a
+# particular order of sums fell; 1 and 2 ranks then part at 1e-3 relative after one step. With ε above the
+# rounding noise and below the real gradients (1e-3 .. 1e-2), the comparison tests the gradients, and Adam is
+# no longer blind to a wrong gradient scale (a missing average over ranks).
 DS_TINY = ["model.hidden=32", "data.batch=32", "train.log_every=1", "train.snapshot_every=100000",
-           "train.eval_at_end=false", "model.gen_norm=none", "dist.backend=deepspeed", "train.threads=1"]
+           "train.eval_at_end=false", "model.gen_norm=none", "dist.backend=deepspeed", "train.threads=1",
+           "optim.adam_eps=1e-3"]
 TIMEOUT = 240  # seconds for any one multi-process run
 
 

@@ -16,21 +16,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ddaebm import distributed
 from ddaebm.config import DistConfig, OptimConfig
 from ddaebm.training.precision import autocast_bf16, keep_losses_in_fp32
+from ddaebm.training.reduce import build_reducer, reduce_gradients_and_flags
 
 TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"
 
 
-def ds_config(lr: float, o: OptimConfig, d: DistConfig, micro_batch: int, load_universal: bool) -> dict:
-    """The engine config: Adam(β1, β2) without weight decay (SPEC §5), ZeRO stage, precision, clipping."""
-    # torch_adam builds torch AdamW, whose default weight decay is 0.01: 0.0 makes it Adam (STACK_NOTES).
-    adam = {"lr": lr, "betas": [o.beta1, o.beta2], "eps": o.adam_eps, "weight_decay": 0.0, "torch_adam": True}
+def ds_config(d: DistConfig, micro_batch: int, load_universal: bool) -> dict:
+    """The engine config: ZeRO stage, precision, clipping (the optimizer is ours: `adam`)."""
     cfg = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "Adam", "params": adam},
         "zero_optimization": {"stage": d.zero_stage},
         "gradient_clipping": d.grad_clip,
         "steps_per_print": 2**31 - 1,
@@ -41,19 +40,57 @@ def ds_config(lr: float, o: OptimConfig, d: DistConfig, micro_batch: int, load_u
     return cfg
 
 
+def adam(params: list, lr: float, o: OptimConfig) -> torch.optim.Adam:
+    """Adam(β1, β2) without weight decay (SPEC §5), handed to DeepSpeed as the client optimizer.
+
+    DeepSpeed's own choice on CPU (`torch_adam`) is the unfused AdamW, ~3.5 ms per toy iteration for the two
+    engines; the fused kernels do the same update in a tenth of that. ZeRO 1/2 wrap it like their own Adam
+    (torch.optim.Adam is on DeepSpeed's list of ZeRO optimizers). Fused kernels exist for CPU and CUDA tensors.
+    """
+    return torch.optim.Adam(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.adam_eps, weight_decay=0.0,
+                            fused=o.fused or None)
+
+
+def drop_forward_hooks(engine) -> None:
+    """Remove the forward pre/post hooks DeepSpeed puts on the module it wraps.
+
+    The losses call `engine.module(x)` (module docstring), so the hooks run on every network call, where in the
+    configurations built here (ZeRO ≤ 2, no flops profiler, no fp16 input casting) they only start and stop
+    DeepSpeed's throughput and wall-clock timers. Their presence also keeps the toy networks off their
+    hand-written passes (ddaebm/networks/toy_fused.py takes those only for hook-free modules). Left in place for
+    any configuration where they do more.
+    """
+    if (engine.zero_optimization_partition_weights() or engine.flops_profiler_enabled()
+            or engine.fp16_auto_cast()):
+        return
+    for name in ("module_forward_pre_hook", "module_forward_post_hook"):
+        handle = getattr(engine, name, None)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, name, None)
+
+
 class DeepSpeedEngine:
     """A network in a DeepSpeed engine with TorchEngine's surface, plus save/load to a checkpoint folder."""
 
     def __init__(self, module: nn.Module, lr: float, o: OptimConfig, d: DistConfig, micro_batch: int,
-                 load_universal: bool = False):
+                 load_universal: bool = False, reducer=None):
+        """`reducer` (ddaebm/training/reduce.py; ZeRO 0 only): averages the gradients in place of DeepSpeed's
+        all-reduce, carrying the iteration's flags in the same exchange."""
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
         if d.precision == "fp16" and not get_accelerator().is_fp16_supported():
             raise ValueError("dist.precision=fp16: this device has no fp16 support in DeepSpeed; use bf16 or fp32")
         params = [p for p in module.parameters() if p.requires_grad]
-        self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params,
-                                                    config=ds_config(lr, o, d, micro_batch, load_universal))
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=adam(params, lr, o),
+                                                    config=ds_config(d, micro_batch, load_universal))
+        drop_forward_hooks(self.engine)
+        self.params, self.reducer = params, reducer
+        if d.zero_stage == 0 and (reducer is not None or self.engine.world_size == 1):
+            # Ours instead, or none at all: on one rank DeepSpeed would still flatten every gradient into a
+            # buffer, all-reduce it with itself and copy it back.
+            self.engine.enable_backward_allreduce = False
         self.module = self.engine.module  # the same object the Trainer holds, now possibly in half precision
         if d.precision == "bf16":
             autocast_bf16(self.module)
@@ -65,6 +102,19 @@ class DeepSpeedEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+
+    def backward_agreed(self, loss: torch.Tensor, flags: list[bool]) -> list[bool]:
+        """Backward and the gradient exchange, with `flags` OR-ed over ranks (flags[0]: a non-finite loss, the
+        update is skipped). With a reducer, one exchange carries both (backward runs even on a non-finite
+        loss, whose update is then skipped everywhere); otherwise the flags go first, in their own collective."""
+        if self.reducer is None:
+            flags = distributed.any_ranks(flags)
+            if not flags[0]:
+                self.engine.backward(loss)
+            return flags
+        self.engine.backward(loss)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return reduce_gradients_and_flags(self.reducer, grads, flags, self.engine.world_size)
 
     def step(self) -> None:
         self.engine.step()
@@ -115,5 +165,10 @@ def build_deepspeed_engines(t, load_universal: bool = False) -> dict[str, DeepSp
     """Trainer engine_factory: the energy engine and the generator+encoder engine."""
     o, d = t.cfg.optim, t.cfg.dist
     micro = t.cfg.data.batch // t.world
-    return {"energy": DeepSpeedEngine(t.energy, o.lr_d, o, d, micro, load_universal),
-            "generator": DeepSpeedEngine(t.gen_enc, o.lr_g, o, d, micro, load_universal)}
+    reducer = None
+    if t.world > 1 and d.zero_stage == 0 and d.precision != "fp16" and t.device.type == "cpu":
+        # CPU ranks: one exchange per phase for gradients and flags, through shared memory on one host (GPUs
+        # keep DeepSpeed's NCCL all-reduce; ZeRO 1/2 reduce-scatter inside DeepSpeed; fp16 scales its grads).
+        reducer = build_reducer(t.world, t.rank, d.timeout_s)
+    return {"energy": DeepSpeedEngine(t.energy, o.lr_d, o, d, micro, load_universal, reducer),
+            "generator": DeepSpeedEngine(t.gen_enc, o.lr_g, o, d, micro, load_universal, reducer)}

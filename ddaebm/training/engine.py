@@ -49,8 +49,6 @@ class TorchEngine:
 
     def __init__(self, module: nn.Module, lr: float, cfg: OptimConfig, grad_clip: float = 0.0):
         self.module, self.grad_clip = module, grad_clip
-        if all(p.device.type == "cpu" for p in module.parameters()):
-            retain_freed_heap_memory()
         params = [p for p in module.parameters() if p.requires_grad]
         self.params = params
         self.optimizer = torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
@@ -64,6 +62,13 @@ class TorchEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def backward_agreed(self, loss: torch.Tensor, flags: list[bool]) -> list[bool]:
+        """Backward unless flags[0] (a non-finite loss: the update will be skipped); returns the flags as all
+        ranks agree on them, here the one process's own."""
+        if not flags[0]:
+            loss.backward()
+        return list(flags)
 
     def step(self) -> None:
         if self.grad_clip > 0:

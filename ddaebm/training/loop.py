@@ -140,11 +140,11 @@ def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, 
     stop = cfg.train.steps if slice_steps is None else min(cfg.train.steps, trainer.step + slice_steps)
     with stop_signals() as signalled:
         while trainer.step < stop:
-            monitor.record(trainer.train_step())
+            monitor.record(trainer.train_step(signalled.is_set))
             step = trainer.step
             monitor.step_done(step)
             _check_nonfinite(trainer, monitor)
-            preempted = distributed.any_rank(signalled.is_set())
+            preempted = trainer.stop_agreed  # agreed by all ranks within the step's last gradient exchange
             healthy = trainer.nonfinite_streak == 0  # never checkpoint in the middle of a NaN streak
             if healthy and (step % cfg.train.ckpt_every == 0 or step == stop or preempted):
                 _save(trainer, run_dir, step, lead)

@@ -21,7 +21,7 @@ from ddaebm.losses import ABLATIONS, StepBatch, draw_step_batch, energy_loss, ge
 from ddaebm.networks import build_energy, build_generator_encoder
 from ddaebm.training.precision import autocast_bf16
 from ddaebm.training.ema import EMA
-from ddaebm.training.engine import TorchEngine
+from ddaebm.training.engine import TorchEngine, retain_freed_heap_memory
 
 LossFn = Callable[["Trainer", StepBatch], tuple[torch.Tensor, dict]]
 
@@ -75,6 +75,8 @@ class Trainer:
     def __init__(self, cfg: Config, rank: int = 0, world: int = 1, engine_factory=build_torch_engines):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.device = resolve_device(cfg.dist.device)
+        if self.device.type == "cpu":  # whichever backend: two ranks page-faulting at once halved both (issue 3)
+            retain_freed_heap_memory()
         self.terms = ABLATIONS[cfg.loss.ablation]
         self.schedule = build_schedule(cfg.diffusion).to(self.device)
         self.data_shape = data_shape(cfg)
@@ -94,6 +96,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0  # iterations with a skipped (NaN/Inf loss) phase, over the whole run
         self.nonfinite_streak = 0  # consecutive such iterations up to now
+        self.stop_agreed = False  # whether the last train_step's stop request held on some rank
 
     def _placed(self, module: torch.nn.Module) -> torch.nn.Module:
         module = module.to(self.device)
@@ -122,8 +125,12 @@ class Trainer:
         for name, module in self.modules.items():
             module.requires_grad_(name == engine_name)
 
-    def train_step(self) -> dict[str, torch.Tensor]:
-        """One iteration: draw the shared batch, run each due phase, update the EMA."""
+    def train_step(self, stop_requested: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
+        """One iteration: draw the shared batch, run each due phase, update the EMA.
+
+        `stop_requested` (e.g. a preemption signal seen on this rank) is asked during the last phase and agreed
+        on by all ranks in that phase's gradient exchange; the verdict is `self.stop_agreed`.
+        """
         if self.cfg.optim.lr_schedule != "constant":
             for name, lr in self.learning_rates().items():
                 self.engines[name].set_lr(lr)
@@ -131,19 +138,24 @@ class Trainer:
         b = self._draw()
         stats: dict[str, torch.Tensor] = {}
         skipped = False
-        for phase in self.phases:
-            if self.step % phase.interval:
-                continue
+        due = [phase for phase in self.phases if self.step % phase.interval == 0]
+        for i, phase in enumerate(due):
             engine = self.engines[phase.engine]
             self._train_only(phase.engine)
             loss, phase_stats = phase.loss(self, b)
             stats.update(phase_stats)
+            last = i == len(due) - 1
+            flags = [not bool(torch.isfinite(loss))]
+            if last:
+                flags.append(bool(stop_requested()) if stop_requested is not None else False)
+            engine.zero_grad()
             # A NaN/Inf loss on any rank skips this update on all of them (the engines must stay in step).
-            if distributed.any_rank(not bool(torch.isfinite(loss))):
+            flags = engine.backward_agreed(loss, flags)
+            if last:
+                self.stop_agreed = flags[1]
+            if flags[0]:
                 skipped = True
                 continue
-            engine.zero_grad()
-            engine.backward(loss)
             engine.step()
         if self.ema is not None:
             self.ema.update(self.modules)
