@@ -134,7 +134,7 @@ class OptimConfig:
     beta2: float = 0.9
     adam_eps: float = 1e-8
     lr_schedule: str = "constant"
-    """'constant' (toy) or 'cosine' (images; annealed over train.steps to lr_min)."""
+    """'constant' or 'cosine' (annealed over train.steps to lr_min: the toy configs, CIFAR-10)."""
     lr_min: float = 1e-5
     ema_decay: float = 0.0
     """EMA of generator, encoder and energy; 0 disables it (toy)."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ddaebm.networks import fir
 from ddaebm.networks.ncsnpp import NCSNppEnergy, NCSNppGenerator
 from ddaebm.networks.ncsnpp_blocks import AttnBlock, ResBlock
+from tests.conftest import CONFIGS
 
 # Small enough for a CPU test, yet every part is exercised: two resolutions, attention, FIR pyramid, z-AdaGN.
 SMALL = dict(image_size=16, channels=3, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.1,
@@ -255,3 +256,39 @@ def test_separable_taps_double_backward():
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda t: fir.upsample_2d(t, taps).square(), (x,))
     assert torch.autograd.gradgradcheck(lambda t: fir.downsample_2d(t[..., :4, :4], taps).square(), (x,))
+
+
+def test_bf16_training_step_follows_fp32():
+    """dist.precision=bf16 on the CPU (the CIFAR-10 networks at tiny width, torch backend): the energy step's loss
+    with R1 and the generator step's loss stay within bf16 rounding of fp32, and the parameter gradients point
+    the same way, so bf16 trains the same objective (what bench/image_step.py's bf16 variants time)."""
+    from ddaebm.config import load_config
+    from ddaebm.losses import energy_loss, generator_loss
+    from ddaebm.training.trainer import Trainer
+
+    x0 = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    trainers = [Trainer(load_config(CONFIGS / "tiny" / "cifar10.yaml", [f"dist.precision={p}"]))
+                for p in ("fp32", "bf16")]
+    out = []
+    for t in trainers:
+        t._stream = type("Fixed", (), {"next_batch": staticmethod(lambda: x0.clone())})()
+        torch.manual_seed(1)
+        t._train_only("generator")
+        b = t._draw()
+        grads = {}
+        for name, fn in (("energy", lambda: energy_loss(t.energy, t.schedule, b, t.cfg.loss, with_r1=True)),
+                         ("generator", lambda: generator_loss(t.energy, t.gen_enc, t.schedule, b, t.cfg.loss,
+                                                              t.terms))):
+            t._train_only(name)
+            t.modules[name].zero_grad(set_to_none=True)
+            loss, _ = fn()
+            loss.backward(retain_graph=True)
+            grads[name] = (loss.item(), torch.cat([p.grad.flatten() for p in t.modules[name].parameters()
+                                                   if p.grad is not None]))
+        out.append(grads)
+    for name in ("energy", "generator"):
+        (l32, g32), (l16, g16) = out[0][name], out[1][name]
+        assert l16 == pytest.approx(l32, rel=2e-2, abs=2e-2), name
+        cosine = torch.nn.functional.cosine_similarity(g32, g16, dim=0).item()
+        assert cosine > 0.99, (name, cosine)
+        assert not torch.equal(g32, g16)  # bf16 really ran
