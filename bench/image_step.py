@@ -123,10 +123,12 @@ def main() -> None:
           f" {'vs ref img/s':>13}")
     for name, r in rows.items():
         print(f"{name:<18} {r['s_per_it']:7.2f} {r['img_per_s']:7.2f} {r['gflop']:9.0f} {r['gflop_per_s']:8.0f} "
-              f"{r['gflop_per_s'] / peak:8.0%} {r['peak_rss_gb']:7.2f} {r['img_per_s'] / REFERENCE['img_per_s']:12.2f}×")
+              f"{r['gflop_per_s'] / peak:8.0%} {r['peak_rss_gb']:7.2f} "
+              f"{r['img_per_s'] / REFERENCE['img_per_s']:12.2f}×")
     if "mse_prior_z" in rows and "mse_no_r1" in rows:
         d, n = rows["mse_prior_z"], rows["mse_no_r1"]
-        print(f"R1: {1 - n['gflop'] / d['gflop']:.0%} of the FLOPs, {1 - n['s_per_it'] / d['s_per_it']:.0%} of the time")
+        print(f"R1: {1 - n['gflop'] / d['gflop']:.0%} of the FLOPs, "
+              f"{1 - n['s_per_it'] / d['s_per_it']:.0%} of the time")
     print(f"reference implementation (issue 4, same machine): {REFERENCE['s_per_it']} s/it, "
           f"{REFERENCE['img_per_s']} img/s, {REFERENCE['gflop']} GFLOP/it")
 

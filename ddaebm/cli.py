@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (resumes automatically from the run dir)",
-                       usage="ddaebm train CONFIG [--run-dir DIR] [--steps N] [--seed S] [--resume R]\n       [--slice-steps N] [key=value ...]")
+                       usage="ddaebm train CONFIG [--run-dir DIR] [--steps N] [--seed S] [--resume R]\n"
+                             "       [--slice-steps N] [key=value ...]")
     t.add_argument("config")
     t.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     t.add_argument("--steps", type=int, help="total training iterations (train.steps)")
@@ -209,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw samples with the 4-step sampler")
     s.add_argument("run_dir")
-    # --num-samples: the spelling to use under torchrun, whose own parser takes --num for an abbreviation of --numa-binding.
+    # --num-samples: the spelling to use under torchrun, whose own parser takes --num for an abbreviation of
+    # --numa-binding.
     s.add_argument("--num", "--num-samples", dest="num", type=int, required=True)
     s.add_argument("--out", required=True, help="FILE.npy (toy) or a folder (images: .npz batches and grid.png)")
     s.add_argument("--batch", type=int, default=256, help="images per .npz file and per generator batch")
@@ -239,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parsers(esub)  # fid, is, ood, modes, nll (ddaebm/metrics/commands.py)
 
-    c = sub.add_parser("print-config", help="the resolved, typed config", usage="ddaebm print-config CONFIG [key=value ...]")
+    c = sub.add_parser("print-config", help="the resolved, typed config",
+                       usage="ddaebm print-config CONFIG [key=value ...]")
     c.add_argument("config")
     c.set_defaults(fn=_print_config)
     return p

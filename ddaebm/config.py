@@ -328,7 +328,8 @@ def _schema_error(err: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"{origin}: {'key ' + repr(key) + ': ' if key else ''}{msg}")
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), name: str | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                name: str | None = None) -> Config:
     """The typed config from a YAML file (or the schema defaults) plus `key=value` overrides.
 
     The name defaults to the file's stem, so `configs/toy/pinwheel.yaml` runs in `runs/pinwheel`.

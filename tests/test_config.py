@@ -62,4 +62,5 @@ def test_round_trip_and_experiment_differences():
 @pytest.mark.parametrize("values, match", [("[1e-4,0.1,0.4,0.8]", "5 values"), ("[1e-4,0.5,0.4,0.8,0.9]", "increase")])
 def test_explicit_variances_are_checked(values, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(CONFIGS / "toy" / "25gaussians.yaml", ["diffusion.variance=explicit", f"diffusion.variances={values}"])
+        load_config(CONFIGS / "toy" / "25gaussians.yaml",
+                    ["diffusion.variance=explicit", f"diffusion.variances={values}"])

@@ -30,7 +30,8 @@ def test_corrupted_newest_checkpoint_falls_back(tmp_path, damage):
     train(_cfg(8), tmp_path / "run")
     newest = tmp_path / "run" / "checkpoints" / "step-000000008" / "state.pt"
     data = newest.read_bytes()
-    newest.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])
+    flipped = data[:-9] + bytes([data[-9] ^ 1]) + data[-8:]
+    newest.write_bytes(data[: len(data) // 2] if damage == "truncate" else flipped)
     assert latest_checkpoint(tmp_path / "run").name == "step-000000008"  # the pointer still names it
     with pytest.warns(CheckpointWarning, match="step-000000008"):
         state = prepare_run(_cfg(12), tmp_path / "run", "auto")

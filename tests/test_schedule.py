@@ -114,5 +114,6 @@ def test_log_transition_and_its_score():
 
 def test_explicit_variances():
     s = build_schedule(DiffusionConfig(variance="explicit", variances=[1e-4, 0.1, 0.4, 0.8, 0.9999], clamp_beta=None))
-    torch.testing.assert_close(s.alpha_bar.double(), 1 - torch.tensor([1e-4, 0.1, 0.4, 0.8, 0.9999], dtype=torch.float64),
+    torch.testing.assert_close(s.alpha_bar.double(),
+                               1 - torch.tensor([1e-4, 0.1, 0.4, 0.8, 0.9999], dtype=torch.float64),
                                rtol=1e-6, atol=1e-7)

@@ -20,7 +20,8 @@ def _draw(name: str, n: int, seed: int) -> np.ndarray:
 
 def _mmd2_reference(x, y, hs=(0.05, 0.2, 1.0)):
     """Unbiased MMD² from full O(n²) kernel matrices (scipy distances)."""
-    k = lambda a, b: np.mean([np.exp(-cdist(a, b, "sqeuclidean") / (2 * h * h)) for h in hs], 0)
+    def k(a, b):
+        return np.mean([np.exp(-cdist(a, b, "sqeuclidean") / (2 * h * h)) for h in hs], 0)
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
     m, n = len(x), len(y)
     return ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))

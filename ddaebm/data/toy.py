@@ -216,7 +216,8 @@ def _exact_mixture_mass(centres: np.ndarray, std: float, edges: np.ndarray) -> n
     """[N, N] cell masses of an isotropic, equal-weight Gaussian mixture: per mode the cell
     probability factorises into 1-D normal CDF differences along y (rows) and x (columns)."""
     e = torch.from_numpy(edges)
-    cdf = lambda mu: torch.special.ndtr((e[None, :] - torch.from_numpy(mu)[:, None]) / std)
+    def cdf(mu):
+        return torch.special.ndtr((e[None, :] - torch.from_numpy(mu)[:, None]) / std)
     px = torch.diff(cdf(centres[:, 0]), dim=1)  # [M, N] mass per column
     py = torch.diff(cdf(centres[:, 1]), dim=1)  # [M, N] mass per row
     return (torch.einsum("mi,mj->ij", py, px) / len(centres)).numpy()
