@@ -116,6 +116,9 @@ class LossConfig:
     recon_var_floor_step1: bool = False
     """Also floor v_k at σ̃²_1 (official image code: v_k = max(σ̃²_k, σ̃²_1))."""
     r1_gamma: float = 0.02
+    r1_gamma_steps: Optional[list[float]] = None
+    """γ of each step k = 0..num_steps−1, in place of r1_gamma (the penalty's price per noise level; e.g. the
+    density f(·, 0) smooth while the mode-choosing steps stay cheap); null: r1_gamma at every step."""
     r1_target: str = "full_conditional"
     """'full_conditional' (∇[f + log N(x_{k+1}; a x_k, σ²)], official) or 'energy_only' (∇f)."""
     r1_interval: int = 1
@@ -301,6 +304,10 @@ def _check_choices(cfg: DictConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
     _check_variances(cfg.diffusion)
+    steps = cfg.loss.r1_gamma_steps
+    if steps is not None and (len(steps) != cfg.diffusion.num_steps or min(steps) < 0):
+        raise ConfigError(f"loss.r1_gamma_steps must list diffusion.num_steps = {cfg.diffusion.num_steps} values "
+                          f"≥ 0 (one γ per step k), got {list(steps)}")
     if cfg.dist.precision == "fp16" and cfg.dist.backend != "deepspeed":
         raise ConfigError("dist.precision=fp16 needs dist.backend=deepspeed (its dynamic loss scaling); "
                           "the torch backend offers fp32 and bf16")

@@ -77,9 +77,21 @@ def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: 
                      enc_noise=enc_noise)
 
 
-def r1_expected_constant(s: Schedule, k: torch.Tensor, dim: int, gamma: float) -> torch.Tensor:
-    """E of the full-conditional R1 penalty when ∇f ≡ 0: (γ/2)·d·a²/σ² averaged over the batch (SPEC §5)."""
-    return 0.5 * gamma * dim * (s.a[k + 1] ** 2 / s.beta[k + 1]).mean()
+def r1_gammas(cfg: LossConfig, k: torch.Tensor) -> torch.Tensor | float:
+    """γ of each row's step k ([B], from loss.r1_gamma_steps), or the one loss.r1_gamma."""
+    if cfg.r1_gamma_steps is None:
+        return cfg.r1_gamma
+    return torch.tensor(cfg.r1_gamma_steps, dtype=torch.float32, device=k.device)[k]
+
+
+def r1_enabled(cfg: LossConfig) -> bool:
+    return (max(cfg.r1_gamma_steps) if cfg.r1_gamma_steps is not None else cfg.r1_gamma) > 0
+
+
+def r1_expected_constant(s: Schedule, k: torch.Tensor, dim: int, gamma: torch.Tensor | float) -> torch.Tensor:
+    """E of the full-conditional R1 penalty when ∇f ≡ 0: (γ/2)·d·a²/σ² averaged over the batch (SPEC §5);
+    `gamma` a number or one per row."""
+    return 0.5 * dim * (gamma * s.a[k + 1] ** 2 / s.beta[k + 1]).mean()
 
 
 def r1_penalty(energy: nn.Module, s: Schedule, b: StepBatch, f_real: torch.Tensor, cfg: LossConfig,
@@ -92,7 +104,10 @@ def r1_penalty(energy: nn.Module, s: Schedule, b: StepBatch, f_real: torch.Tenso
     (grad,) = torch.autograd.grad(f_real.sum(), b.x_k, create_graph=True)
     if cfg.r1_target == "full_conditional":
         grad = grad + transition_score(s, b.x_k.detach(), b.x_k1, b.k)
-    return 0.5 * cfg.r1_gamma * scale * grad.pow(2).flatten(1).sum(1).mean()
+    gamma = r1_gammas(cfg, b.k)
+    if torch.is_tensor(gamma):
+        return 0.5 * scale * (gamma * grad.pow(2).flatten(1).sum(1)).mean()
+    return 0.5 * gamma * scale * grad.pow(2).flatten(1).sum(1).mean()
 
 
 def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, with_r1: bool = True,
@@ -110,12 +125,13 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
     f_fake = energy(b.x_fake.detach(), b.k)
     loss = -f_real.mean() + cfg.fake_weight * f_fake.mean()
     stats = {"f_real": f_real.mean().detach(), "f_fake": f_fake.mean().detach()}
-    if with_r1 and cfg.r1_gamma > 0:
+    if with_r1 and r1_enabled(cfg):
         r1 = r1_penalty(energy, s, b, f_real, cfg, r1_scale)
         loss = loss + r1
         stats["r1"] = r1.detach()
         if cfg.r1_target == "full_conditional":
-            stats["r1_excess"] = r1.detach() - r1_scale * r1_expected_constant(s, b.k, b.x_k[0].numel(), cfg.r1_gamma)
+            constant = r1_expected_constant(s, b.k, b.x_k[0].numel(), r1_gammas(cfg, b.k))
+            stats["r1_excess"] = r1.detach() - r1_scale * constant
     stats["loss_energy"] = loss.detach()
     return loss, stats
 

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from ddaebm.config import LossConfig
 from ddaebm.diffusion.schedule import Schedule, importance_weight, log_transition, posterior_mean, transition_score
 from ddaebm.losses import (ABLATIONS, StepBatch, Terms, _gaussian_nll, kl_to_standard_normal, latent_nll,
-                           r1_expected_constant, recon_variance)
+                           r1_enabled, r1_expected_constant, r1_gammas, recon_variance)
 from ddaebm.networks import toy_fused as tf
 from ddaebm.networks.toy import ToyEncoder, ToyGenerator
 
@@ -52,12 +52,14 @@ class _EnergyObjective(torch.autograd.Function):
             fake = fake_weight * f[n_real:].mean()
             loss = fake if loss is None else loss + fake
         r1 = f.new_zeros(())
-        if r1_coef:
+        r1_on = torch.is_tensor(r1_coef) or r1_coef != 0  # r1_coef: a number, or one per real row
+        if r1_on:
             grad = c["e0"][:n_real] @ sp.a
             c["r"] = grad if score is None else grad + score
-            r1 = r1_coef * c["r"].pow(2).sum(1).mean()
+            sq = c["r"].pow(2).sum(1)
+            r1 = (r1_coef * sq).mean() if torch.is_tensor(r1_coef) else r1_coef * sq.mean()
             loss = r1.clone() if loss is None else loss + r1
-        ctx.sp, ctx.cache, ctx.n_real, ctx.r1_coef = sp, c, n_real, r1_coef
+        ctx.sp, ctx.cache, ctx.n_real, ctx.r1_coef, ctx.r1_on = sp, c, n_real, r1_coef, r1_on
         ctx.weights = (real_weight, fake_weight)
         ctx.mark_non_differentiable(f, r1)
         ctx.set_materialize_grads(False)  # f and R1 are for the logs: no zero-filled gradients for them
@@ -81,8 +83,9 @@ class _EnergyObjective(torch.autograd.Function):
         d_a2 = omega.dot(c["h1"].clamp_max(0) @ w3)
         d_a1 = omega.dot((d2 * c["h0"].clamp_max(0)).sum(1))
         d_a0 = omega.dot((d1 * c["u"].clamp_max(0)).sum(1))
-        if ctx.r1_coef:  # R1 backpropagated through the chain, real rows only
-            rho = c["r"] * (2 * ctx.r1_coef / nr * g_loss)  # ∂R1/∂∇_x f
+        if ctx.r1_on:  # R1 backpropagated through the chain, real rows only
+            coef = ctx.r1_coef[:, None] if torch.is_tensor(ctx.r1_coef) else ctx.r1_coef
+            rho = c["r"] * (2 * coef / nr * g_loss)  # ∂R1/∂∇_x f
             de0 = rho @ sp.a.t()
             dd1 = de0 * c["s0"][:nr]
             de1 = dd1 @ c["fl"]["wc"][:, :BRANCH].t()
@@ -114,18 +117,19 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
                 r1_scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """losses.energy_loss for the toy energy; b.x_k gets no gradient (nothing reads it)."""
     n = b.x_k.shape[0]
-    r1_on = with_r1 and cfg.r1_gamma > 0
+    r1_on = with_r1 and r1_enabled(cfg)
     score = None
     if r1_on and cfg.r1_target == "full_conditional":
         score = transition_score(s, b.x_k.detach(), b.x_k1, b.k)
     x = torch.cat([b.x_k.detach(), b.x_fake.detach()])
     loss, f, r1 = energy_objective(energy, x, torch.cat([b.k, b.k]), n, 1.0, cfg.fake_weight,
-                                   0.5 * cfg.r1_gamma * r1_scale if r1_on else 0.0, score)
+                                   0.5 * r1_gammas(cfg, b.k) * r1_scale if r1_on else 0.0, score)
     stats = {"f_real": f[:n].mean(), "f_fake": f[n:].mean()}
     if r1_on:
         stats["r1"] = r1
         if cfg.r1_target == "full_conditional":
-            stats["r1_excess"] = r1 - r1_scale * r1_expected_constant(s, b.k, b.x_k[0].numel(), cfg.r1_gamma)
+            constant = r1_expected_constant(s, b.k, b.x_k[0].numel(), r1_gammas(cfg, b.k))
+            stats["r1_excess"] = r1 - r1_scale * constant
     stats["loss_energy"] = loss.detach()
     return loss, stats
 
@@ -134,7 +138,7 @@ def lazy_r1_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig) 
     """losses.lazy_r1_loss for the toy energy."""
     score = transition_score(s, b.x_k.detach(), b.x_k1, b.k) if cfg.r1_target == "full_conditional" else None
     r1, _, _ = energy_objective(energy, b.x_k.detach(), b.k, b.x_k.shape[0], 0.0, 0.0,
-                                0.5 * cfg.r1_gamma * float(cfg.r1_interval), score)
+                                0.5 * r1_gammas(cfg, b.k) * float(cfg.r1_interval), score)
     return r1, {"r1_lazy": r1.detach()}
 
 

@@ -31,6 +31,8 @@ def test_overrides_win_and_keep_types():
     ("diffusion.grid=linear", "diffusion.grid"),
     ("data.batch=0", "data.batch"),
     ("train.steps", "key=value"),
+    ("loss.r1_gamma_steps=[0.1,0.1]", "loss.r1_gamma_steps"),
+    ("loss.r1_gamma_steps=[0.1,0.1,-1,0.1]", "loss.r1_gamma_steps"),
 ])
 def test_bad_overrides_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):

@@ -64,6 +64,27 @@ def test_r1_penalty_matches_autograd_of_full_conditional():
     assert stats["r1"].item() == pytest.approx((0.15 * g.pow(2).sum(1).mean()).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_r1_gamma_per_step(fused):
+    """loss.r1_gamma_steps prices each row's penalty at the γ of its step k: a list of one value is r1_gamma,
+    and a step priced 0 contributes nothing."""
+    from ddaebm.networks import toy_fused
+
+    energy, _, _, b = _setup()
+    x = b.x_k.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad((energy(x, b.k) + log_transition(SCHEDULE, x, b.x_k1, b.k)).sum(), x)
+    gammas = torch.tensor([0.3, 0.0, 0.02, 0.1])
+    with (torch.enable_grad() if fused else toy_fused.disabled()):
+        _, uniform = energy_loss(energy, SCHEDULE, b, LossConfig(r1_gamma=0.0, r1_gamma_steps=[0.3] * 4))
+        _, scalar = energy_loss(energy, SCHEDULE, b, LossConfig(r1_gamma=0.3))
+        _, steps = energy_loss(energy, SCHEDULE, b, LossConfig(r1_gamma_steps=gammas.tolist()))
+    assert uniform["r1"].item() == pytest.approx(scalar["r1"].item(), rel=1e-5)
+    expected = (0.5 * gammas[b.k] * g.pow(2).sum(1)).mean()
+    assert steps["r1"].item() == pytest.approx(expected.item(), rel=1e-5)
+    constant = 0.5 * 2 * (gammas[b.k] * SCHEDULE.a[b.k + 1] ** 2 / SCHEDULE.beta[b.k + 1]).mean()
+    assert (steps["r1"] - steps["r1_excess"]).item() == pytest.approx(constant.item(), rel=1e-5)
+
+
 def test_energy_loss_fake_weight_and_terms():
     energy, _, _, b = _setup()
     f_real = energy(b.x_k, b.k).mean().item()

@@ -17,7 +17,8 @@ from ddaebm import distributed
 from ddaebm.config import Config, to_dict
 from ddaebm.data.stream import build_stream, data_shape
 from ddaebm.diffusion.schedule import build_schedule
-from ddaebm.losses import ABLATIONS, StepBatch, draw_step_batch, energy_loss, generator_loss, lazy_r1_loss
+from ddaebm.losses import (ABLATIONS, StepBatch, draw_step_batch, energy_loss, generator_loss, lazy_r1_loss,
+                           r1_enabled)
 from ddaebm.networks import build_energy, build_generator_encoder
 from ddaebm.training.precision import autocast_bf16
 from ddaebm.training.ema import EMA
@@ -49,7 +50,7 @@ def _generator_phase(t: "Trainer", b: StepBatch):
 def build_phases(cfg: Config) -> list[Phase]:
     """Energy step (R1 folded in unless lazy), the lazy R1 step if any, then the generator+encoder step."""
     phases = [Phase("energy", "energy", _energy_phase)]
-    if cfg.loss.r1_interval > 1 and cfg.loss.r1_gamma > 0:
+    if cfg.loss.r1_interval > 1 and r1_enabled(cfg.loss):
         phases.append(Phase("energy_r1", "energy", _lazy_r1_phase, cfg.loss.r1_interval))
     phases.append(Phase("generator", "generator", _generator_phase))
     return phases
