@@ -8,8 +8,8 @@ processes waits ~0.8 ms for its transport threads to wake (measured on the 2-cor
 is ~20 ms). Here the flags ride at the end of the flattened gradients:
 
 - `SharedMemoryReducer`: all ranks on one host (the usual CPU case: one node, one rank per core group). Each
-  rank writes its vector into its slot of a shared-memory file, publishes a sequence number, spins until every
-  rank published, and sums the slots in rank order, so every rank computes the bit-identical sum. Two slot sets
+  rank writes its vector into its slot of a shared-memory file, publishes a sequence number, spins (napping
+  once the wait grows past 20 ms) until every rank published, and sums the slots in rank order, so every rank computes the bit-identical sum. Two slot sets
   alternate, so a rank may write round n+1 while a slower one still reads round n. A peer that does not arrive
   within the process group's timeout (or whose process is gone) raises instead of hanging.
 - `ProcessGroupReducer`: anywhere else (several hosts, a /dev/shm too small or not shared): one all-reduce of
@@ -92,16 +92,21 @@ class SharedMemoryReducer:
 
     def _wait_for_peers(self) -> None:
         published = self.header[:self.world]
-        spins, deadline, next_check = 0, None, 0.0
+        spins, deadline, next_check, nap_after = 0, None, 0.0, 0.0
         while not bool((published >= self.seq).all()):
             spins += 1
             if spins < 2000:
                 continue
-            os.sched_yield()  # waiting long: let an oversubscribed peer have the core
             now = time.monotonic()
             if deadline is None:
-                deadline, next_check = now + self.timeout_s, now + 0.1
-            elif now >= next_check:
+                deadline, next_check, nap_after = now + self.timeout_s, now + 0.1, now + 0.02
+            # Spinning answers within microseconds; a long wait (a peer writing a snapshot or checkpoint) sleeps
+            # in short naps instead, leaving the core to others.
+            if now >= nap_after:
+                time.sleep(2e-4)
+            else:
+                os.sched_yield()
+            if now >= next_check:
                 next_check = now + 0.1
                 self._check_peers_alive(published)
                 if now >= deadline:
