@@ -1,11 +1,12 @@
-"""TorchEngine's direct fused-Adam step: the same parameters and optimizer state as Adam(fused=True).step()."""
+"""The direct fused-Adam step (TorchEngine, and DeepSpeed's client optimizer at ZeRO 0): the same parameters and
+optimizer state as Adam(fused=True).step()."""
 
 import copy
 
 import torch
 
 from ddaebm.config import OptimConfig
-from ddaebm.training.engine import TorchEngine
+from ddaebm.training.engine import TorchEngine, fast_adam_steps, fused_adam_step
 
 
 def _net():
@@ -23,7 +24,7 @@ def test_direct_step_is_bitwise_adam():
         x = torch.randn(9, 5)
         engine.zero_grad()
         engine.backward(ours(x).pow(2).sum())
-        direct += engine._fused_adam_step()  # the step itself, to count it
+        direct += fused_adam_step(engine.optimizer)  # the step itself, to count it
         adam.zero_grad()
         ref(x).pow(2).sum().backward()
         adam.step()
@@ -49,11 +50,33 @@ def test_direct_step_steps_aside():
     engine.backward(engine.module(torch.randn(3, 5)).sum())
     hooked = copy.copy(engine)
     handle = engine.optimizer.register_step_pre_hook(lambda *a: None)
-    assert not hooked._fused_adam_step()
+    assert not fused_adam_step(hooked.optimizer)
     handle.remove()
     unfused = TorchEngine(_net(), 1e-3, OptimConfig(fused=False))
     unfused.backward(unfused.module(torch.randn(3, 5)).sum())
     unfused.step()
     unfused.backward(unfused.module(torch.randn(3, 5)).sum())
-    assert not unfused._fused_adam_step()
-    assert engine._fused_adam_step()
+    assert not fused_adam_step(unfused.optimizer)
+    assert fused_adam_step(engine.optimizer)
+
+
+def test_fast_steps_installed_on_an_optimizer_are_bitwise_adam():
+    """What a DeepSpeed engine at ZeRO 0 calls: opt.step() itself, taking the direct kernels from step 2 on."""
+    ours, ref = _net(), _net()
+    fast = torch.optim.Adam(ours.parameters(), lr=1e-3, betas=(0.0, 0.9), fused=True)
+    adam = torch.optim.Adam(ref.parameters(), lr=1e-3, betas=(0.0, 0.9), fused=True)
+    fast_adam_steps(fast)
+    for _ in range(5):
+        x = torch.randn(9, 5)
+        for net, opt in ((ours, fast), (ref, adam)):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    assert fused_adam_step(fast) and fused_adam_step(adam)  # ours is a wrapper it accepts (one more step each)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    plain = adam.step
+    adam.step = lambda closure=None: plain(closure)  # someone else's wrapper (an LR scheduler's, say)
+    assert not fused_adam_step(adam)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ddaebm import distributed
 from ddaebm.config import DistConfig, OptimConfig
+from ddaebm.training.engine import fast_adam_steps
 from ddaebm.training.precision import autocast_bf16, keep_losses_in_fp32
 from ddaebm.training.reduce import build_reducer, reduce_gradients_and_flags
 
@@ -83,9 +84,12 @@ class DeepSpeedEngine:
         if d.precision == "fp16" and not get_accelerator().is_fp16_supported():
             raise ValueError("dist.precision=fp16: this device has no fp16 support in DeepSpeed; use bf16 or fp32")
         params = [p for p in module.parameters() if p.requires_grad]
-        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=adam(params, lr, o),
+        client = adam(params, lr, o)
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=client,
                                                     config=ds_config(d, micro_batch, load_universal))
         drop_forward_hooks(self.engine)
+        if self.engine.optimizer is client:  # ZeRO 0 wraps nothing: DeepSpeed calls our optimizer's step itself
+            fast_adam_steps(client)
         self.params, self.reducer = params, reducer
         if d.zero_stage == 0 and (reducer is not None or self.engine.world_size == 1):
             # Ours instead, or none at all: on one rank DeepSpeed would still flatten every gradient into a

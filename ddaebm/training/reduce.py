@@ -9,9 +9,10 @@ is ~20 ms). Here the flags ride at the end of the flattened gradients:
 
 - `SharedMemoryReducer`: all ranks on one host (the usual CPU case: one node, one rank per core group). Each
   rank writes its vector into its slot of a shared-memory file, publishes a sequence number, spins (napping
-  once the wait grows past 20 ms) until every rank published, and sums the slots in rank order, so every rank computes the bit-identical sum. Two slot sets
-  alternate, so a rank may write round n+1 while a slower one still reads round n. A peer that does not arrive
-  within the process group's timeout (or whose process is gone) raises instead of hanging.
+  once the wait grows past 20 ms) until every rank published, and sums the slots in rank order, so every rank
+  computes the bit-identical sum. Two slot sets alternate, so a rank may write round n+1 while a slower one
+  still reads round n. A peer that does not arrive within the process group's timeout (or whose process is
+  gone) raises instead of hanging.
 - `ProcessGroupReducer`: anywhere else (several hosts, a /dev/shm too small or not shared): one all-reduce of
   the same flat vector.
 
