@@ -126,11 +126,6 @@ def any_ranks(flags: list[bool]) -> list[bool]:
     return [v > 0 for v in t.tolist()]
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any."""
-    return any_ranks([flag])[0]
-
-
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """The mean of `t` over ranks (for logged statistics; every rank must call it with the same shape)."""
     if world_size() == 1:

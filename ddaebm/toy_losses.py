@@ -106,7 +106,7 @@ class _EnergyObjective(torch.autograd.Function):
 
 
 def energy_objective(energy: nn.Module, x: torch.Tensor, k: torch.Tensor, n_real: int, real_weight: float,
-                     fake_weight: float, r1_coef: float, score: torch.Tensor | None):
+                     fake_weight: float, r1_coef: float | torch.Tensor, score: torch.Tensor | None):
     """(loss, f [rows], R1) of the energy step for x = [real; fake] rows; `loss.backward()` reaches θ only.
     After tf.energy_supported(energy, ...)."""
     sp = tf.spec(energy)

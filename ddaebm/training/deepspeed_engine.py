@@ -18,7 +18,7 @@ from torch import nn
 
 from ddaebm import distributed
 from ddaebm.config import DistConfig, OptimConfig
-from ddaebm.training.engine import fast_adam_steps
+from ddaebm.training.engine import adam, fast_adam_steps
 from ddaebm.training.precision import autocast_bf16, keep_losses_in_fp32
 from ddaebm.training.reduce import build_reducer, reduce_gradients_and_flags
 
@@ -39,17 +39,6 @@ def ds_config(d: DistConfig, micro_batch: int, load_universal: bool) -> dict:
     if d.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return cfg
-
-
-def adam(params: list, lr: float, o: OptimConfig) -> torch.optim.Adam:
-    """Adam(β1, β2) without weight decay (SPEC §5), handed to DeepSpeed as the client optimizer.
-
-    DeepSpeed's own choice on CPU (`torch_adam`) is the unfused AdamW, ~3.5 ms per toy iteration for the two
-    engines; the fused kernels do the same update in a tenth of that. ZeRO 1/2 wrap it like their own Adam
-    (torch.optim.Adam is on DeepSpeed's list of ZeRO optimizers). Fused kernels exist for CPU and CUDA tensors.
-    """
-    return torch.optim.Adam(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.adam_eps, weight_decay=0.0,
-                            fused=o.fused or None)
 
 
 def drop_forward_hooks(engine) -> None:
@@ -103,9 +92,6 @@ class DeepSpeedEngine:
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
 
     def backward_agreed(self, loss: torch.Tensor, flags: list[bool]) -> list[bool]:
         """Backward and the gradient exchange, with `flags` OR-ed over ranks (flags[0]: a non-finite loss, the

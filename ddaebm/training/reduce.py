@@ -54,9 +54,6 @@ class ProcessGroupReducer:
         dist.all_reduce(flat)
         return flat
 
-    def close(self) -> None:
-        pass
-
 
 class SharedMemoryReducer:
     """Sum of every rank's float32 vector through a shared-memory file (module docstring). Build it on all
@@ -120,9 +117,6 @@ class SharedMemoryReducer:
             if int(published[j]) < self.seq and not _alive(pid):
                 raise RuntimeError(f"rank {self.rank}: rank {j} (pid {pid}) exited before gradient exchange "
                                    f"{self.seq}")
-
-    def close(self) -> None:
-        self.slots = self.header = None
 
 
 def _alive(pid: int) -> bool:
