@@ -213,16 +213,32 @@ def prelu_backward(g: torch.Tensor, h: torch.Tensor, a: torch.Tensor,
     return g_pos.addcmul_(g_neg, a), torch.dot(g_neg.view(-1), h.view(-1)).view(1)
 
 
-def _batch_norm_forward(bn: SimpleNamespace | None, h: torch.Tensor, groups: int):
+def _linear_batch_norm(bn: SimpleNamespace | None, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                       groups: int):
+    """(h, BatchNorm1d(h), saved statistics) for h = x·wᵀ + b, BatchNorm run per group of `groups` equal blocks of
+    rows (running averages updated in training), or (h, h, None) without a BatchNorm.
+
+    In training the batch's own mean removes b from the output: h is then x·wᵀ, b goes into the running mean
+    alone (the same update as with b in h), and the product skips addmm's pass that writes b into every row.
+    The returned h is what the BatchNorm backward is to be given; b's gradient is its column sum either way."""
+    if bn is None or not bn.m.training:
+        h = F.linear(x, w, b)
+        return (h, h, None) if bn is None else (h, *_batch_norm_forward(bn, h, groups))
+    h = x @ w.t()
+    out, saved = _batch_norm_forward(bn, h, groups, shift=b)
+    return h, out, saved
+
+
+def _batch_norm_forward(bn: SimpleNamespace, h: torch.Tensor, groups: int, shift: torch.Tensor | None = None):
     """nn.BatchNorm1d's forward on each of `groups` equal blocks of rows in turn (running averages updated in
-    training), or the identity."""
-    if bn is None:
-        return h, None
+    training) of h + shift, where a training-mode `shift` only moves the running mean."""
     m = bn.m
     if groups == 1:
         if m.training:
             bn.n.add_(1)
         out, mean, invstd = torch.native_batch_norm(h, bn.w, bn.b, bn.rm, bn.rv, m.training, m.momentum, m.eps)
+        if shift is not None:
+            bn.rm.add_(shift, alpha=m.momentum)
         return out, [(mean, invstd)]
     rows = h.shape[0] // groups
     out, saved = torch.empty_like(h), []
@@ -232,6 +248,8 @@ def _batch_norm_forward(bn: SimpleNamespace | None, h: torch.Tensor, groups: int
         mean, invstd = h.new_empty(h.shape[1]), h.new_empty(h.shape[1])
         _bn_forward_out(h[i * rows:(i + 1) * rows], bn.w, bn.b, bn.rm, bn.rv, m.training, m.momentum, m.eps,
                         out=out[i * rows:(i + 1) * rows], save_mean=mean, save_invstd=invstd)
+        if shift is not None:
+            bn.rm.add_(shift, alpha=m.momentum)
         saved.append((mean, invstd))
     return out, saved
 
@@ -294,23 +312,18 @@ def first_layer_grads(sp: SimpleNamespace, fl: dict, g: torch.Tensor, g_bias: to
 def mlp_forward(sp: SimpleNamespace, inputs: torch.Tensor, k: torch.Tensor, groups: int = 1):
     """_ConditionalMLP.forward(inputs, k) (per group of rows, see the module docstring) and its cache."""
     fl = first_layer(sp)
-    u = F.linear(inputs, sp.a, sp.c)
-    ub, bn0 = _batch_norm_forward(sp.bn0, u, groups)
+    u, ub, bn0 = _linear_batch_norm(sp.bn0, inputs, sp.a, sp.c, groups)
     x20 = torch.cat([F.prelu(ub, sp.a0), one_hot(k, sp.steps, u)], 1)
-    h0 = F.linear(x20, fl["wc"], sp.first_b)
-    h0b, bn1 = _batch_norm_forward(sp.bn1, h0, groups)
+    h0, h0b, bn1 = _linear_batch_norm(sp.bn1, x20, fl["wc"], sp.first_b, groups)
     v1 = F.prelu(h0b, sp.a1)
-    h1 = F.linear(v1, sp.w2, sp.b2)
-    h1b, bn2 = _batch_norm_forward(sp.bn2, h1, groups)
+    h1, h1b, bn2 = _linear_batch_norm(sp.bn2, v1, sp.w2, sp.b2, groups)
     v2 = F.prelu(h1b, sp.a2)
-    out = F.linear(v2, sp.w3, sp.b3)
     c = dict(inputs=inputs, fl=fl, u=u, ub=ub, bn0=bn0, x20=x20, h0=h0, h0b=h0b, bn1=bn1, v1=v1, h1=h1, h1b=h1b,
              bn2=bn2, v2=v2)
-    if sp.final:
-        ob, c["bn3"] = _batch_norm_forward(sp.bn3, out, groups)
-        c["o"], c["ob"] = out, ob
-        out = F.prelu(ob, sp.a3)
-    return out, c
+    if not sp.final:
+        return F.linear(v2, sp.w3, sp.b3), c
+    c["o"], c["ob"], c["bn3"] = _linear_batch_norm(sp.bn3, v2, sp.w3, sp.b3, groups)
+    return F.prelu(c["ob"], sp.a3), c
 
 
 def mlp_backward(sp: SimpleNamespace, c: dict, g: torch.Tensor, input_grad: bool):
