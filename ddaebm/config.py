@@ -125,6 +125,11 @@ class LossConfig:
     """Lazy R1: apply the penalty (scaled by the interval) every this many steps, as its own phase."""
     fake_weight: float = 1.0
     """Weight of the fake term in the energy loss (0.1 for MNIST, SPEC §5)."""
+    nce_weight: float = 0.0
+    """Weight of the noise-contrastive term that sets f(·, 0)'s levels across the whole space (ddaebm's addition,
+    not in the paper; README "Density calibration"): real x₀ against N(0, nce_std²·I) noise. 0: off."""
+    nce_std: float = 2.0
+    """Standard deviation of the NCE noise: it should cover the data and the range the density is read on."""
 
 
 @dataclass
@@ -308,6 +313,9 @@ def _check_choices(cfg: DictConfig) -> None:
     if steps is not None and (len(steps) != cfg.diffusion.num_steps or min(steps) < 0):
         raise ConfigError(f"loss.r1_gamma_steps must list diffusion.num_steps = {cfg.diffusion.num_steps} values "
                           f"≥ 0 (one γ per step k), got {list(steps)}")
+    if cfg.loss.nce_weight < 0 or cfg.loss.nce_std <= 0:
+        raise ConfigError(f"loss.nce_weight must be ≥ 0 and loss.nce_std > 0, got {cfg.loss.nce_weight} and "
+                          f"{cfg.loss.nce_std}")
     if cfg.dist.precision == "fp16" and cfg.dist.backend != "deepspeed":
         raise ConfigError("dist.precision=fp16 needs dist.backend=deepspeed (its dynamic loss scaling); "
                           "the torch backend offers fp32 and bf16")

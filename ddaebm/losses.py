@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ddaebm.config import LossConfig
@@ -52,15 +53,16 @@ class StepBatch:
     x0_fake: torch.Tensor  # G(x_{k+1}, k, z), graph to φ kept
     x_fake: torch.Tensor  # x̃_k = posterior sample around x0_fake, graph to φ kept
     enc_noise: torch.Tensor  # ε of the encoder's reparameterised z_E
+    nce_noise: torch.Tensor | None = None  # per row, N(0, nce_std²·I): the NCE contrast of the rows at k = 0
 
 
 def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: Terms, nz: int,
-                    rng: torch.Generator, rank: int = 0, world: int = 1) -> StepBatch:
+                    rng: torch.Generator, rank: int = 0, world: int = 1, nce_std: float | None = None) -> StepBatch:
     """Draw k, the real pair and the generator's fake x̃_k for one iteration (SPEC §1.5, §3, §5).
 
     x0 is this rank's slice of a global batch of world·len(x0) rows. Every rank draws k and the noises for the
     whole global batch (the same generator state everywhere) and keeps its rows, so a run is the same at any
-    world size and resumes exactly on another one.
+    world size and resumes exactly on another one. `nce_std`: also draw the NCE noise (loss.nce_weight > 0).
     """
     n = x0.shape[0]
     total, rows = n * world, slice(rank * n, (rank + 1) * n)
@@ -70,11 +72,12 @@ def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: 
     z = torch.randn((total, nz), generator=rng, device=dev) if terms.latent else torch.zeros(total, nz, device=dev)
     z = z[rows]
     enc_noise = torch.randn((total, nz), generator=rng, device=dev)[rows]
+    nce = None if nce_std is None else nce_std * torch.randn((total, *x0.shape[1:]), generator=rng, device=dev)[rows]
     x_k, x_k1 = diffuse_pair(s, x0, k, noise[0], noise[1])
     x0_fake = generator(x_k1, k, z)
     x_fake = posterior_sample(s, x0_fake, x_k1, k, noise[2])
     return StepBatch(k=k, x_k=x_k.requires_grad_(True), x_k1=x_k1, z=z, x0_fake=x0_fake, x_fake=x_fake,
-                     enc_noise=enc_noise)
+                     enc_noise=enc_noise, nce_noise=nce)
 
 
 def r1_gammas(cfg: LossConfig, k: torch.Tensor) -> torch.Tensor | float:
@@ -110,9 +113,32 @@ def r1_penalty(energy: nn.Module, s: Schedule, b: StepBatch, f_real: torch.Tenso
     return 0.5 * gamma * scale * grad.pow(2).flatten(1).sum(1).mean()
 
 
+def nce_rows(b: StepBatch) -> torch.Tensor:
+    """Indices of the rows at k = 0: their real x_k and their noise row are the NCE term's data and noise."""
+    if b.nce_noise is None:
+        raise ValueError("loss.nce_weight > 0 needs the NCE noise: draw_step_batch(..., nce_std=loss.nce_std)")
+    return (b.k == 0).nonzero().squeeze(1)
+
+
+def nce_log_ratio(f: torch.Tensor, x: torch.Tensor, std: float) -> torch.Tensor:
+    """h = f(x, 0) − log N(x; 0, std²·I) up to the noise's constant, which f's level at k = 0 absorbs ([B])."""
+    return f + x.flatten(1).pow(2).sum(1) / (2 * std * std)
+
+
+def nce_value(h_data: torch.Tensor, h_noise: torch.Tensor, rows: int, num_steps: int) -> torch.Tensor:
+    """The NCE loss Σ softplus(−h(x₀)) + Σ softplus(h(ε)) over the rows at k = 0, divided by their expected
+    number rows/T rather than the number drawn, so that every rank's term adds up to the global batch's.
+
+    Its minimum over f is h = log p_data − log N(0, std²I): f(·, 0) = log p_data + const over the whole space the
+    noise covers. The conditional EBM loss at k = 0 compares only points within σ_1 of each other (SPEC §1.5), so
+    the relative levels of distant modes, and the floor between them, are otherwise left free.
+    """
+    return (F.softplus(-h_data).sum() + F.softplus(h_noise).sum()) * (num_steps / rows)
+
+
 def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, with_r1: bool = True,
                 r1_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_D = mean[−f(x_k) + w_fake·f(sg(x̃_k))] + R1 (SPEC §5); Gaussian terms cancel in ∂/∂θ.
+    """L_D = mean[−f(x_k) + w_fake·f(sg(x̃_k))] + R1 (SPEC §5) [+ λ_nce·NCE]; Gaussian terms cancel in ∂/∂θ.
 
     Real and fake take separate passes: in one pass of 2B, the R1 double backward would also run over the
     fake half (measured: +13% FLOPs per iteration).
@@ -132,6 +158,13 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
         if cfg.r1_target == "full_conditional":
             constant = r1_expected_constant(s, b.k, b.x_k[0].numel(), r1_gammas(cfg, b.k))
             stats["r1_excess"] = r1.detach() - r1_scale * constant
+    if cfg.nce_weight > 0:
+        idx = nce_rows(b)
+        x_d, x_n = b.x_k.detach()[idx], b.nce_noise[idx]
+        nce = nce_value(nce_log_ratio(f_real[idx], x_d, cfg.nce_std),
+                        nce_log_ratio(energy(x_n, b.k[idx]), x_n, cfg.nce_std), len(b.k), s.num_steps)
+        loss = loss + cfg.nce_weight * nce
+        stats["nce"] = nce.detach()
     stats["loss_energy"] = loss.detach()
     return loss, stats
 

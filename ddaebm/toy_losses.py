@@ -26,7 +26,8 @@ from torch.autograd.function import once_differentiable
 from ddaebm.config import LossConfig
 from ddaebm.diffusion.schedule import Schedule, importance_weight, log_transition, posterior_mean, transition_score
 from ddaebm.losses import (ABLATIONS, StepBatch, Terms, _gaussian_nll, kl_to_standard_normal, latent_nll,
-                           r1_enabled, r1_expected_constant, r1_gammas, recon_variance)
+                           nce_log_ratio, nce_rows, nce_value, r1_enabled, r1_expected_constant, r1_gammas,
+                           recon_variance)
 from ddaebm.networks import toy_fused as tf
 from ddaebm.networks.toy import ToyEncoder, ToyGenerator
 
@@ -37,19 +38,21 @@ BRANCH = tf.BRANCH
 
 
 class _EnergyObjective(torch.autograd.Function):
-    """loss = −w_real·mean f(real) + w_fake·mean f(fake) + c·mean‖∇_x f(real) + score‖², parameter gradients only.
+    """loss = −w_real·mean f(real) + w_fake·mean f(fake) + c·mean‖∇_x f(real) + score‖² [+ λ·NCE], parameter
+    gradients only.
 
-    x holds the real rows, then the fake ones; w_real is 1 (energy_loss) or 0 (lazy R1 alone). Returns
-    (loss, f, R1), f and R1 for the logs.
+    x holds the real rows, then the fake ones, then the NCE noise rows (nce: (λ, indices of the real rows at
+    k = 0, noise std, rows for the normalisation, T), or None); w_real is 1 (energy_loss) or 0 (lazy R1 alone).
+    Returns (loss, f, R1, NCE), the last three for the logs.
     """
 
     @staticmethod
-    def forward(ctx, sp, x, k, n_real, real_weight, fake_weight, r1_coef, score, *params):
+    def forward(ctx, sp, x, k, n_real, n_fake, real_weight, fake_weight, r1_coef, score, nce, *params):
         f, c = tf.energy_forward(sp, x, k)
         tf.input_gradient_chain(sp, c)
         loss = -f[:n_real].mean() if real_weight else None
-        if x.shape[0] > n_real:
-            fake = fake_weight * f[n_real:].mean()
+        if n_fake:
+            fake = fake_weight * f[n_real:n_real + n_fake].mean()
             loss = fake if loss is None else loss + fake
         r1 = f.new_zeros(())
         r1_on = torch.is_tensor(r1_coef) or r1_coef != 0  # r1_coef: a number, or one per real row
@@ -59,22 +62,34 @@ class _EnergyObjective(torch.autograd.Function):
             sq = c["r"].pow(2).sum(1)
             r1 = (r1_coef * sq).mean() if torch.is_tensor(r1_coef) else r1_coef * sq.mean()
             loss = r1.clone() if loss is None else loss + r1
-        ctx.sp, ctx.cache, ctx.n_real, ctx.r1_coef, ctx.r1_on = sp, c, n_real, r1_coef, r1_on
+        nce_loss, ctx.nce = f.new_zeros(()), None
+        if nce is not None:  # ∂NCE/∂h = −σ(−h) at the data, σ(h) at the noise
+            weight, idx, std, rows, steps = nce
+            noise = slice(n_real + n_fake, None)
+            h_d, h_n = nce_log_ratio(f[idx], x[idx], std), nce_log_ratio(f[noise], x[noise], std)
+            nce_loss = nce_value(h_d, h_n, rows, steps)
+            loss = loss + weight * nce_loss
+            scale = weight * steps / rows
+            ctx.nce = (idx, -scale * torch.sigmoid(-h_d), scale * torch.sigmoid(h_n))
+        ctx.sp, ctx.cache, ctx.n_real, ctx.n_fake, ctx.r1_coef, ctx.r1_on = sp, c, n_real, n_fake, r1_coef, r1_on
         ctx.weights = (real_weight, fake_weight)
-        ctx.mark_non_differentiable(f, r1)
-        ctx.set_materialize_grads(False)  # f and R1 are for the logs: no zero-filled gradients for them
-        return loss, f, r1
+        ctx.mark_non_differentiable(f, r1, nce_loss)
+        ctx.set_materialize_grads(False)  # f, R1 and NCE are for the logs: no zero-filled gradients for them
+        return loss, f, r1, nce_loss
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_loss, _g_f, _g_r1):
+    def backward(ctx, g_loss, _g_f, _g_r1, _g_nce):
         if g_loss is None:
-            return (None,) * (8 + len(ctx.needs_input_grad[8:]))
-        sp, c, nr = ctx.sp, ctx.cache, ctx.n_real
-        x, n = c["x"], c["x"].shape[0]
+            return (None,) * (10 + len(ctx.needs_input_grad[10:]))
+        sp, c, nr, nf = ctx.sp, ctx.cache, ctx.n_real, ctx.n_fake
+        x = c["x"]
         real_weight, fake_weight = ctx.weights
         omega = torch.cat([(-real_weight / nr * g_loss).expand(nr),
-                           (fake_weight / max(n - nr, 1) * g_loss).expand(n - nr)]).to(x.dtype)  # ∂loss/∂f_b
+                           (fake_weight / max(nf, 1) * g_loss).expand(nf)]).to(x.dtype)  # ∂loss/∂f_b
+        if ctx.nce is not None:
+            idx, d_data, d_noise = ctx.nce
+            omega = torch.cat([omega.index_add_(0, idx, d_data * g_loss), d_noise * g_loss])
         w3, col = sp.w3[0], omega[:, None]
         d1, d2, e0, e1, e2 = c["d1"], c["d2"], c["e0"], c["e1"], c["e2"]
         # The terms Σ ω_b f_b: each weight's gradient is (chain)ᵀ(ω ⊙ the layer's input).
@@ -101,16 +116,18 @@ class _EnergyObjective(torch.autograd.Function):
         first = tf.first_layer_grads(sp, c["fl"], e1.t() @ q_first, e1.t() @ omega)
         grads = [e0.t() @ q_a, e0.t() @ omega, d_a0.view(1), *first, d_a1.view(1), e2.t() @ q_w2, e2.t() @ omega,
                  d_a2.view(1), d_w3[None], omega.sum().view(1)]
-        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[8:])]
-        return None, None, None, None, None, None, None, None, *grads
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[10:])]
+        return (None,) * 10 + tuple(grads)
 
 
-def energy_objective(energy: nn.Module, x: torch.Tensor, k: torch.Tensor, n_real: int, real_weight: float,
-                     fake_weight: float, r1_coef: float | torch.Tensor, score: torch.Tensor | None):
-    """(loss, f [rows], R1) of the energy step for x = [real; fake] rows; `loss.backward()` reaches θ only.
-    After tf.energy_supported(energy, ...)."""
+def energy_objective(energy: nn.Module, x: torch.Tensor, k: torch.Tensor, n_real: int, n_fake: int,
+                     real_weight: float, fake_weight: float, r1_coef: float | torch.Tensor,
+                     score: torch.Tensor | None, nce: tuple | None = None):
+    """(loss, f [rows], R1, NCE) of the energy step for x = [real; fake; NCE noise] rows; `loss.backward()`
+    reaches θ only. After tf.energy_supported(energy, ...)."""
     sp = tf.spec(energy)
-    return _EnergyObjective.apply(sp, x, k, n_real, real_weight, fake_weight, r1_coef, score, *sp.params)
+    return _EnergyObjective.apply(sp, x, k, n_real, n_fake, real_weight, fake_weight, r1_coef, score, nce,
+                                  *sp.params)
 
 
 def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, with_r1: bool,
@@ -121,15 +138,22 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
     score = None
     if r1_on and cfg.r1_target == "full_conditional":
         score = transition_score(s, b.x_k.detach(), b.x_k1, b.k)
-    x = torch.cat([b.x_k.detach(), b.x_fake.detach()])
-    loss, f, r1 = energy_objective(energy, x, torch.cat([b.k, b.k]), n, 1.0, cfg.fake_weight,
-                                   0.5 * r1_gammas(cfg, b.k) * r1_scale if r1_on else 0.0, score)
-    stats = {"f_real": f[:n].mean(), "f_fake": f[n:].mean()}
+    rows, steps, nce = [b.x_k.detach(), b.x_fake.detach()], [b.k, b.k], None
+    if cfg.nce_weight > 0:  # the noise rows at k = 0 join the same pass
+        idx = nce_rows(b)
+        rows.append(b.nce_noise[idx])
+        steps.append(b.k[idx])
+        nce = (cfg.nce_weight, idx, cfg.nce_std, n, s.num_steps)
+    loss, f, r1, nce_loss = energy_objective(energy, torch.cat(rows), torch.cat(steps), n, n, 1.0, cfg.fake_weight,
+                                             0.5 * r1_gammas(cfg, b.k) * r1_scale if r1_on else 0.0, score, nce)
+    stats = {"f_real": f[:n].mean(), "f_fake": f[n:2 * n].mean()}
     if r1_on:
         stats["r1"] = r1
         if cfg.r1_target == "full_conditional":
             constant = r1_expected_constant(s, b.k, b.x_k[0].numel(), r1_gammas(cfg, b.k))
             stats["r1_excess"] = r1 - r1_scale * constant
+    if nce is not None:
+        stats["nce"] = nce_loss
     stats["loss_energy"] = loss.detach()
     return loss, stats
 
@@ -137,8 +161,8 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
 def lazy_r1_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
     """losses.lazy_r1_loss for the toy energy."""
     score = transition_score(s, b.x_k.detach(), b.x_k1, b.k) if cfg.r1_target == "full_conditional" else None
-    r1, _, _ = energy_objective(energy, b.x_k.detach(), b.k, b.x_k.shape[0], 0.0, 0.0,
-                                0.5 * r1_gammas(cfg, b.k) * float(cfg.r1_interval), score)
+    r1, _, _, _ = energy_objective(energy, b.x_k.detach(), b.k, b.x_k.shape[0], 0, 0.0, 0.0,
+                                   0.5 * r1_gammas(cfg, b.k) * float(cfg.r1_interval), score)
     return r1, {"r1_lazy": r1.detach()}
 
 

@@ -66,3 +66,9 @@ def test_explicit_variances_are_checked(values, match):
     with pytest.raises(ConfigError, match=match):
         load_config(CONFIGS / "toy" / "25gaussians.yaml",
                     ["diffusion.variance=explicit", f"diffusion.variances={values}"])
+
+
+@pytest.mark.parametrize("override", ["loss.nce_weight=-1", "loss.nce_std=0"])
+def test_nce_settings_are_checked(override):
+    with pytest.raises(ConfigError, match="loss.nce_weight must be ≥ 0 and loss.nce_std > 0"):
+        load_config(CONFIGS / "toy" / "25gaussians.yaml", [override])

@@ -9,7 +9,7 @@ from torch import nn
 from ddaebm.config import DiffusionConfig, LossConfig, ModelConfig
 from ddaebm.diffusion.schedule import build_schedule, log_transition
 from ddaebm.losses import (ABLATIONS, draw_step_batch, energy_loss, generator_loss, kl_to_standard_normal,
-                           latent_nll, r1_expected_constant)
+                           latent_nll, nce_log_ratio, nce_value, r1_expected_constant)
 from ddaebm.networks import build_energy, build_generator_encoder
 
 SCHEDULE = build_schedule(DiffusionConfig())
@@ -169,3 +169,50 @@ def test_mse_prior_z_gives_encoder_no_recon_gradient():
     loss2, _ = generator_loss(energy2, gen_enc2, SCHEDULE, b2, LossConfig(recon_mode="elbo_encoder"), terms)
     loss2.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen_enc2.encoder.parameters())
+
+
+def test_nce_recovers_a_known_density():
+    """The NCE term's minimiser is f(·, 0) = log p_data + log(2π·std²) (the noise's dropped constant, d = 2):
+    fitted to N(0, 0.5²I) data against N(0, 2²I) noise, f(x) = a − b‖x‖² comes out at b = 1/(2·0.5²) = 2 and
+    a = log(2²/0.5²) = 2.77."""
+    g = torch.Generator().manual_seed(0)
+    rows, std = 40_000, 2.0
+    data, noise = 0.5 * torch.randn(rows, 2, generator=g), std * torch.randn(rows, 2, generator=g)
+    ab = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.LBFGS([ab], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        f = lambda x: ab[0] - ab[1] * x.pow(2).sum(1)  # noqa: E731
+        loss = nce_value(nce_log_ratio(f(data), data, std), nce_log_ratio(f(noise), noise, std), rows, 1)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert ab[1].item() == pytest.approx(2.0, rel=0.03)
+    assert ab[0].item() == pytest.approx(torch.log(torch.tensor(16.0)).item(), abs=0.05)
+
+
+def test_nce_term_adds_to_the_energy_loss_only_through_the_rows_at_step_zero():
+    """loss.nce_weight adds λ·NCE on the k = 0 rows' real x_k and noise, normalised by rows/T; other rows' noise
+    is never read."""
+    energy, gen_enc, terms, _ = _setup()
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
+    b = draw_step_batch(x0, SCHEDULE, gen_enc.generator, terms, 2, torch.Generator().manual_seed(4), nce_std=1.5)
+    base, _ = energy_loss(energy, SCHEDULE, b, LossConfig(r1_gamma=0.0))
+    cfg = LossConfig(r1_gamma=0.0, nce_weight=0.7, nce_std=1.5)
+    loss, stats = energy_loss(energy, SCHEDULE, b, cfg)
+    zero = b.k == 0
+    with torch.no_grad():
+        x_d, x_n = b.x_k[zero], b.nce_noise[zero]
+        h_d = energy(x_d, b.k[zero]) + x_d.pow(2).sum(1) / (2 * 1.5**2)
+        h_n = energy(x_n, b.k[zero]) + x_n.pow(2).sum(1) / (2 * 1.5**2)
+        expected = (torch.nn.functional.softplus(-h_d).sum() + torch.nn.functional.softplus(h_n).sum()) * 4 / 64
+    assert 0 < zero.sum() < 64
+    torch.testing.assert_close(stats["nce"], expected)
+    torch.testing.assert_close(loss, base + 0.7 * expected)
+    b.nce_noise[~zero] = float("nan")  # rows at k > 0: their noise is not used
+    assert torch.isfinite(energy_loss(energy, SCHEDULE, b, cfg)[0])
+    b.nce_noise = None
+    with pytest.raises(ValueError, match="nce_std"):
+        energy_loss(energy, SCHEDULE, b, cfg)

@@ -33,7 +33,8 @@ def _nets(seed=0):
 
 def _batch(gen_enc, terms=ABLATIONS["full"], n=96, seed=1, k=None):
     x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
-    b = draw_step_batch(x0, SCHEDULE, gen_enc.generator, terms, 2, torch.Generator().manual_seed(seed + 1))
+    b = draw_step_batch(x0, SCHEDULE, gen_enc.generator, terms, 2, torch.Generator().manual_seed(seed + 1),
+                        nce_std=1.5)
     if k is not None:  # every row at one step
         b.k = torch.full_like(b.k, k)
     return b
@@ -64,7 +65,9 @@ def _energy_step(energy, gen_enc, b, cfg, fused, lazy=False):
 @pytest.mark.parametrize("k", [0, 1, 2, 3, None])
 @pytest.mark.parametrize("cfg", [LossConfig(r1_gamma=0.3), LossConfig(r1_gamma=0.02, fake_weight=0.1),
                                  LossConfig(r1_gamma=0.3, r1_target="energy_only"), LossConfig(r1_gamma=0.0),
-                                 LossConfig(r1_gamma=0.0, r1_gamma_steps=[0.3, 0.0, 0.02, 0.1])])
+                                 LossConfig(r1_gamma=0.0, r1_gamma_steps=[0.3, 0.0, 0.02, 0.1]),
+                                 LossConfig(r1_gamma=0.3, nce_weight=1.0, nce_std=1.5),
+                                 LossConfig(r1_gamma=0.0, nce_weight=0.5, nce_std=1.5)])
 def test_energy_loss_and_gradients_match_autograd(k, cfg):
     energy, gen_enc = _nets()
     assert toy_fused.energy_supported(energy, torch.zeros(1, 2))

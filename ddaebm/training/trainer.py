@@ -172,8 +172,9 @@ class Trainer:
         x0 = self.stream.next_batch().to(self.device, non_blocking=True)
         if self.cfg.model.channels_last and x0.dim() == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
+        nce_std = self.cfg.loss.nce_std if self.cfg.loss.nce_weight > 0 else None
         return draw_step_batch(x0, self.schedule, self.gen_enc.generator, self.terms,
-                               self.cfg.model.nz, self.rng, self.rank, self.world)
+                               self.cfg.model.nz, self.rng, self.rank, self.world, nce_std)
 
     # ---- what a checkpoint carries: everything a bit-exact continuation needs
     def state_dict(self) -> dict:
