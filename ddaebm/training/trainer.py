@@ -90,6 +90,8 @@ class Trainer:
             for module in self.modules.values():
                 autocast_bf16(module)
         self.ema = EMA(self.modules, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        # for _train_only: module.requires_grad_ walks the module tree, 3 times per iteration (~0.15 ms, toy)
+        self._parameters = {name: list(m.parameters()) for name, m in self.modules.items()}
         self._stream, self._stream_state = None, None  # opened on first use: sampling needs no data
         # The same on every rank: each draws the global batch's randomness and keeps its slice (draw_step_batch).
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.train.seed * 7919 + 17)
@@ -123,8 +125,10 @@ class Trainer:
         return {k: o.lr_min + (lr - o.lr_min) * 0.5 * (1 + math.cos(math.pi * frac)) for k, lr in base.items()}
 
     def _train_only(self, engine_name: str) -> None:
-        for name, module in self.modules.items():
-            module.requires_grad_(name == engine_name)
+        for name, params in self._parameters.items():
+            flag = name == engine_name
+            for p in params:
+                p.requires_grad = flag
 
     def train_step(self, stop_requested: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
         """One iteration: draw the shared batch, run each due phase, update the EMA.
