@@ -203,19 +203,19 @@ def generator_supported(energy: nn.Module, gen_enc: nn.Module, b: StepBatch, cfg
 class _GeneratorObjective(torch.autograd.Function):
     """L_G = −E_F + L_lat + L_rec + L_KL with gradients to x̃_k (hence, by autograd, to the generator pass that
     made it) and to the generator's and encoder's parameters. The encoder's two passes (on x̃_k and on x_k) are
-    one pass of 2B rows with the BatchNorm statistics of each half."""
+    one pass of 2B interleaved rows (even: x̃_k, odd: x_k) with the BatchNorm statistics of each pass."""
 
     @staticmethod
     def forward(ctx, s, cfg, e_sp, g_sp, q_sp, x_fake, x_k, x_k1, z, eps, k, *params):
         n = x_fake.shape[0]
         f, ec = tf.energy_forward(e_sp, x_fake, k)
         e_f = (f + log_transition(s, x_fake, x_k1, k)).mean()
-        h, enc_cache = tf.mlp_forward(q_sp, torch.cat([torch.cat([x_fake, x_k1], 1), torch.cat([x_k, x_k1], 1)]),
-                                      torch.cat([k, k]), groups=2)
+        enc_in = torch.stack([torch.cat([x_fake, x_k1], 1), torch.cat([x_k, x_k1], 1)], 1).view(2 * n, -1)
+        h, enc_cache = tf.mlp_forward(q_sp, enc_in, k.repeat_interleave(2), groups=2)
         mu_all = torch.nn.functional.linear(h, q_sp.mu_w, q_sp.mu_b)
         raw = torch.nn.functional.linear(h, q_sp.lv_w, q_sp.lv_b)
         lv_all = raw.clamp(*q_sp.lv_range)
-        (mu_g, mu), (lv_g, lv) = mu_all.split(n), lv_all.split(n)
+        mu_g, mu, lv_g, lv = mu_all[0::2], mu_all[1::2], lv_all[0::2], lv_all[1::2]
         l_lat = cfg.lambda_ent * latent_nll(z, mu_g, lv_g).mean()
         std = torch.exp(0.5 * lv)
         x0_e, gen_cache = tf.mlp_forward(g_sp, torch.cat([x_k1, mu + std * eps], 1), k)
@@ -248,20 +248,20 @@ class _GeneratorObjective(torch.autograd.Function):
         d_gen_in, gen_grads = tf.mlp_backward(g_sp, c["gen"], s.post_c1[k][:, None] * d_mean, True)
         d_z = d_gen_in[:, c["x_k1"].shape[1]:]
         # the heads: (μ, logvar) of x̃_k (L_lat), then of x_k (L_rec, L_KL)
-        mu_g, mu = c["mu_all"].split(n)
-        lv_g, lv = c["lv_all"].split(n)
+        mu_g, mu, lv_g, lv = c["mu_all"][0::2], c["mu_all"][1::2], c["lv_all"][0::2], c["lv_all"][1::2]
         ev_g = torch.exp(lv_g)
         den = 1e-6 + ev_g
-        d_mu = torch.cat([(m * cfg.lambda_ent) * (mu_g - c["z"]) / den, d_z + (m * cfg.lambda_kl) * mu])
-        d_lv = torch.cat([(m * cfg.lambda_ent) * (0.5 - 0.5 * (c["z"] - mu_g) ** 2 * ev_g / den ** 2),
-                          d_z * 0.5 * c["std"] * c["eps"] + (m * cfg.lambda_kl) * 0.5 * (torch.exp(lv) - 1)])
+        d_mu = torch.stack([(m * cfg.lambda_ent) * (mu_g - c["z"]) / den, d_z + (m * cfg.lambda_kl) * mu], 1)
+        d_lv = torch.stack([(m * cfg.lambda_ent) * (0.5 - 0.5 * (c["z"] - mu_g) ** 2 * ev_g / den ** 2),
+                            d_z * 0.5 * c["std"] * c["eps"] + (m * cfg.lambda_kl) * 0.5 * (torch.exp(lv) - 1)], 1)
+        d_mu, d_lv = d_mu.view(2 * n, -1), d_lv.view(2 * n, -1)  # the encoder's interleaved rows
         lo, hi = q_sp.lv_range
         d_lv = d_lv * ((c["raw"] >= lo) & (c["raw"] <= hi))  # clamp's backward
         d_h = d_mu @ q_sp.mu_w + d_lv @ q_sp.lv_w
         d_enc_in, enc_grads = tf.mlp_backward(q_sp, c["enc"], d_h, ctx.needs_input_grad[5])
         heads = [d_mu.t() @ c["h"], d_mu.sum(0), d_lv.t() @ c["h"], d_lv.sum(0)]
         if ctx.needs_input_grad[5]:
-            d_fake = d_fake + d_enc_in[:n, :x_fake.shape[1]]
+            d_fake = d_fake + d_enc_in[0::2, :x_fake.shape[1]]
         grads = [g if need else None for g, need in zip([*gen_grads, *enc_grads, *heads], ctx.needs_input_grad[11:])]
         return (None,) * 5 + (d_fake if ctx.needs_input_grad[5] else None,) + (None,) * 5 + tuple(grads)
 

@@ -80,3 +80,34 @@ def test_fast_steps_installed_on_an_optimizer_are_bitwise_adam():
     plain = adam.step
     adam.step = lambda closure=None: plain(closure)  # someone else's wrapper (an LR scheduler's, say)
     assert not fused_adam_step(adam)
+
+
+def test_shared_step_counter_survives_a_reload_and_a_missing_gradient():
+    """The steps live in one buffer (one add_ a step): a state_dict round trip into a fresh engine, and a
+    parameter without a gradient for a while (its step must stay), keep the run bitwise Adam."""
+    ours, ref = _net(), _net()
+    cfg = OptimConfig(beta1=0.0, beta2=0.9)
+    engine = TorchEngine(ours, 1e-3, cfg)
+    adam = torch.optim.Adam(ref.parameters(), lr=1e-3, betas=(0.0, 0.9), eps=cfg.adam_eps, fused=True)
+    for i in range(10):
+        if i == 8:  # resume: a new engine loads the saved state (the step tensors arrive as separate tensors)
+            saved = copy.deepcopy(engine.state_dict())
+            engine = TorchEngine(ours, 1e-3, cfg)
+            engine.load_state_dict(saved)
+        x = torch.randn(9, 5)
+        frozen = 3 <= i < 7  # the first layer's bias gets no gradient in these steps
+        for net in (ours, ref):
+            net[0].bias.requires_grad_(not frozen)
+        engine.zero_grad()
+        engine.backward(ours(x).pow(2).sum())
+        engine.step()
+        adam.zero_grad()
+        ref(x).pow(2).sum().backward()
+        adam.step()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    state, ref_state = engine.optimizer.state_dict()["state"], adam.state_dict()["state"]
+    assert [state[k]["step"].item() for k in sorted(state)] == [10.0, 6.0, 10.0, 10.0, 10.0]
+    for k in state:
+        for name in state[k]:
+            assert torch.equal(state[k][name], ref_state[k][name]), (k, name)

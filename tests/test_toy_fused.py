@@ -156,6 +156,33 @@ def test_conditional_mlp_matches_its_modules(train):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_interleaved_passes_match_separate_calls(train):
+    """groups=2 (the encoder's two passes as one): rows interleaved, BatchNorm statistics per pass, running
+    averages as two calls in turn would leave them, gradients as the sum over both passes."""
+    _, gen_enc = _nets()
+    mlp = gen_enc.encoder.body.train(train)
+    ref = copy.deepcopy(mlp)
+    a, b = torch.randn(40, 4, requires_grad=True), torch.randn(40, 4, requires_grad=True)
+    ka, kb = torch.randint(0, 4, (40,)), torch.randint(0, 4, (40,))
+    g_a, g_b = torch.randn(40, 16), torch.randn(40, 16)
+    assert toy_fused.mlp_supported(mlp, a)
+    with torch.no_grad():
+        out, cache = toy_fused.mlp_forward(toy_fused.spec(mlp), torch.stack([a, b], 1).view(80, 4),
+                                           torch.stack([ka, kb], 1).view(80), groups=2)
+        d_in, grads = toy_fused.mlp_backward(toy_fused.spec(mlp), cache, torch.stack([g_a, g_b], 1).view(80, 16),
+                                             True)
+    out_a, out_b = ref.decoder(ref.input(a, ka)), ref.decoder(ref.input(b, kb))
+    torch.testing.assert_close(out[0::2], out_a, **TOL)
+    torch.testing.assert_close(out[1::2], out_b, **TOL)
+    ref_grads = torch.autograd.grad((out_a * g_a).sum() + (out_b * g_b).sum(), [a, b, *ref.parameters()])
+    torch.testing.assert_close(d_in[0::2], ref_grads[0], **TOL)
+    torch.testing.assert_close(d_in[1::2], ref_grads[1], **TOL)
+    _close([name for name, _ in mlp.named_parameters()], (grads, ref_grads[2:]))
+    for x, y in zip(mlp.buffers(), ref.buffers()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
 def test_energy_value_input_gradient():
     energy, _ = _nets()
     energy.requires_grad_(False)

@@ -9,7 +9,8 @@ keeps what its backward needs, and its backward is written out:
   Its backward is three products: G = ∂h0ᵀ·X, ∂W_first = G·Cᵀ, ∂C = W_firstᵀ·G;
 - BatchNorm runs through ATen's own kernels (batch statistics and running averages as nn.BatchNorm1d's), per
   group of rows: passes of one network with the same weights (the encoder's two) share their matrix products
-  and keep separate statistics, as separate calls would;
+  and keep separate statistics, as separate calls would. Their rows interleave (row g + G·r is row r of pass g),
+  so that one BatchNorm call over the rows viewed as [r, G·C] serves all passes;
 - `conditional_mlp` (generator and encoder bodies) and `energy_value` wrap these as single autograd nodes;
 - the passes read a module's tensors from a flat "spec" resolved once per module, not through nn.Module's
   attribute lookups (a few hundred per iteration otherwise).
@@ -37,9 +38,7 @@ from ddaebm.networks.layers import PReLU
 from ddaebm.networks.toy import BRANCH, FEATURES, BranchedInput, StepEmbedding, ToyEnergy, _ConditionalMLP
 
 _threshold_backward = torch.ops.aten.threshold_backward
-_bn_forward_out = torch.ops.aten.native_batch_norm.out
 _bn_backward = torch.ops.aten.native_batch_norm_backward
-_bn_backward_out = torch.ops.aten.native_batch_norm_backward.out
 
 # False: every toy network takes the generic autograd path (tests, the bench; DDAEBM_TOY_FUSED=0 for a whole run)
 enabled = os.environ.get("DDAEBM_TOY_FUSED", "1") != "0"
@@ -215,8 +214,8 @@ def prelu_backward(g: torch.Tensor, h: torch.Tensor, a: torch.Tensor,
 
 def _linear_batch_norm(bn: SimpleNamespace | None, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
                        groups: int):
-    """(h, BatchNorm1d(h), saved statistics) for h = x·wᵀ + b, BatchNorm run per group of `groups` equal blocks of
-    rows (running averages updated in training), or (h, h, None) without a BatchNorm.
+    """(h, BatchNorm1d(h), saved statistics) for h = x·wᵀ + b, BatchNorm run per group of rows (`groups`
+    interleaved passes; running averages updated in training), or (h, h, None) without a BatchNorm.
 
     In training the batch's own mean removes b from the output: h is then x·wᵀ, b goes into the running mean
     alone (the same update as with b in h), and the product skips addmm's pass that writes b into every row.
@@ -230,8 +229,11 @@ def _linear_batch_norm(bn: SimpleNamespace | None, x: torch.Tensor, w: torch.Ten
 
 
 def _batch_norm_forward(bn: SimpleNamespace, h: torch.Tensor, groups: int, shift: torch.Tensor | None = None):
-    """nn.BatchNorm1d's forward on each of `groups` equal blocks of rows in turn (running averages updated in
-    training) of h + shift, where a training-mode `shift` only moves the running mean."""
+    """nn.BatchNorm1d's forward on h + shift per group of rows, as `groups` calls in turn would run it (running
+    averages updated in training, group 0 first); a training-mode `shift` only moves the running mean.
+
+    Groups interleave: row g + groups·r is row r of group g, so h viewed as [rows, groups·C] gives each (group,
+    channel) a column of its own and one ATen call normalises every group (the module docstring)."""
     m = bn.m
     if groups == 1:
         if m.training:
@@ -239,19 +241,22 @@ def _batch_norm_forward(bn: SimpleNamespace, h: torch.Tensor, groups: int, shift
         out, mean, invstd = torch.native_batch_norm(h, bn.w, bn.b, bn.rm, bn.rv, m.training, m.momentum, m.eps)
         if shift is not None:
             bn.rm.add_(shift, alpha=m.momentum)
-        return out, [(mean, invstd)]
+        return out, (mean, invstd, 1)
     rows = h.shape[0] // groups
-    out, saved = torch.empty_like(h), []
+    hv, w, b = h.view(rows, -1), torch.cat([bn.w] * groups), torch.cat([bn.b] * groups)
+    if not m.training:
+        rm, rv = torch.cat([bn.rm] * groups), torch.cat([bn.rv] * groups)
+        out, mean, invstd = torch.native_batch_norm(hv, w, b, rm, rv, False, 0.0, m.eps)
+        return out.view_as(h), (mean, invstd, groups)
+    out, mean, invstd = torch.native_batch_norm(hv, w, b, None, None, True, 0.0, m.eps)
+    # The running averages as the calls in turn would update them: the batch mean (+ shift), the unbiased variance.
+    mean_g = mean.view(groups, -1) if shift is None else mean.view(groups, -1) + shift
+    var_g = (invstd.pow(-2) - m.eps).mul_(rows / max(rows - 1, 1)).view(groups, -1)
     for i in range(groups):
-        if m.training:
-            bn.n.add_(1)
-        mean, invstd = h.new_empty(h.shape[1]), h.new_empty(h.shape[1])
-        _bn_forward_out(h[i * rows:(i + 1) * rows], bn.w, bn.b, bn.rm, bn.rv, m.training, m.momentum, m.eps,
-                        out=out[i * rows:(i + 1) * rows], save_mean=mean, save_invstd=invstd)
-        if shift is not None:
-            bn.rm.add_(shift, alpha=m.momentum)
-        saved.append((mean, invstd))
-    return out, saved
+        bn.n.add_(1)
+        bn.rm.lerp_(mean_g[i], m.momentum)
+        bn.rv.lerp_(var_g[i], m.momentum)
+    return out.view_as(h), (mean, invstd, groups)
 
 
 def _batch_norm_backward(bn: SimpleNamespace | None, g: torch.Tensor, h: torch.Tensor, saved):
@@ -259,18 +264,15 @@ def _batch_norm_backward(bn: SimpleNamespace | None, g: torch.Tensor, h: torch.T
     if bn is None:
         return g, []
     m = bn.m
-    if len(saved) == 1:
-        gi, gw, gb = _bn_backward(g, h, bn.w, bn.rm, bn.rv, *saved[0], m.training, m.eps, [True, True, True])
+    mean, invstd, groups = saved
+    if groups == 1:
+        gi, gw, gb = _bn_backward(g, h, bn.w, bn.rm, bn.rv, mean, invstd, m.training, m.eps, [True, True, True])
         return gi, [gw, gb]
-    rows = h.shape[0] // len(saved)
-    gi, gw, gb = torch.empty_like(g), 0, 0
-    for i, (mean, invstd) in enumerate(saved):
-        block = slice(i * rows, (i + 1) * rows)
-        _, gw_i, gb_i = _bn_backward_out(g[block], h[block], bn.w, bn.rm, bn.rv, mean, invstd, m.training, m.eps,
-                                         [True, True, True], out0=gi[block], out1=torch.empty_like(bn.w),
-                                         out2=torch.empty_like(bn.b))
-        gw, gb = gw + gw_i, gb + gb_i
-    return gi, [gw, gb]
+    rows = h.shape[0] // groups
+    rm, rv = (None, None) if m.training else (torch.cat([bn.rm] * groups), torch.cat([bn.rv] * groups))
+    gi, gw, gb = _bn_backward(g.view(rows, -1), h.view(rows, -1), torch.cat([bn.w] * groups), rm, rv, mean, invstd,
+                              m.training, m.eps, [True, True, True])
+    return gi.view_as(g), [gw.view(groups, -1).sum(0), gb.view(groups, -1).sum(0)]
 
 
 # ---- BranchedInput as one product
@@ -310,7 +312,7 @@ def first_layer_grads(sp: SimpleNamespace, fl: dict, g: torch.Tensor, g_bias: to
 
 
 def mlp_forward(sp: SimpleNamespace, inputs: torch.Tensor, k: torch.Tensor, groups: int = 1):
-    """_ConditionalMLP.forward(inputs, k) (per group of rows, see the module docstring) and its cache."""
+    """_ConditionalMLP.forward(inputs, k) (`groups` interleaved passes, see the module docstring) and its cache."""
     fl = first_layer(sp)
     u, ub, bn0 = _linear_batch_norm(sp.bn0, inputs, sp.a, sp.c, groups)
     x20 = torch.cat([F.prelu(ub, sp.a0), one_hot(k, sp.steps, u)], 1)

@@ -74,11 +74,25 @@ def fused_adam_step(opt: torch.optim.Optimizer) -> bool:
     if not params or len({p.dtype for p in params}) != 1:
         return False
     beta1, beta2 = group["betas"]
-    torch._foreach_add_(steps, 1)
+    _step_buffer(opt, params, steps).add_(1)
     torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
                        beta1=float(beta1), beta2=float(beta2), weight_decay=group["weight_decay"],
                        eps=group["eps"], maximize=group["maximize"], grad_scale=None, found_inf=None)
     return True
+
+
+def _step_buffer(opt: torch.optim.Optimizer, params: list, steps: list) -> torch.Tensor:
+    """One tensor whose elements are the `params`' state["step"] (which become 0-dim views of it, in place in
+    `steps` too): the steps advance together, and one add_ replaces _foreach_add_'s per-tensor loop on CPU
+    (~4 µs a parameter, 0.3 ms per toy iteration). Rebuilt, values kept, whenever a step is no longer a view of
+    it (a loaded state_dict, a different set of parameters with gradients)."""
+    buffer = opt.__dict__.get("_ddaebm_steps")
+    if buffer is None or buffer.numel() != len(steps) or any(s._base is not buffer for s in steps):
+        buffer = opt._ddaebm_steps = torch.stack(steps)
+        views = buffer.unbind(0)
+        for i, (p, view) in enumerate(zip(params, views)):
+            opt.state[p]["step"] = steps[i] = view
+    return buffer
 
 
 def fast_adam_steps(opt: torch.optim.Optimizer) -> None:
