@@ -9,8 +9,9 @@ loss.iw_beta, loss.r1_gamma, diffusion.beta_min, diffusion.beta_max, diffusion.g
 for --steps steps, in slices of --report-every steps. After each slice it checkpoints (ddaebm's checkpoint,
 handed to Tune, which copies it to --storage) and reports the metric, so ASHA can stop it at a rung and a trial
 whose process dies restarts from its last report (FailureConfig). Running the same command again resumes an
-interrupted sweep (Tuner.restore). At the end the best trial's config is written as a YAML that `ddaebm train`
-accepts (with CONFIG's train.steps, not the sweep's budget), and summary.json lists every trial.
+interrupted sweep (Tuner.restore). At the end the best trial's config (the lowest metric among the trials that
+ran the whole budget) is written as a YAML that `ddaebm train` accepts (with CONFIG's train.steps, not the
+sweep's budget), and summary.json lists every trial.
 
 Metrics (lower is better): toy data: mmd2 (default) or sliced_w1 (ddaebm/metrics/toy.py, on --eval-num samples);
 images: fid (ddaebm/metrics/fid.py, --eval-num samples against cached reference statistics of the training
@@ -274,6 +275,21 @@ def worker_loop(config: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- the sweep
 
+def best_result(results, setup: dict):
+    """The trial with the lowest last metric among those that ran the whole budget: an ASHA-stopped trial's
+    metric comes from fewer steps and is not comparable (at toy size an early figure can beat every finished
+    one). Among all trials that reported when none finished; a NaN/Inf metric ranks last."""
+    metric = setup["metric"]
+
+    def value(r) -> float:
+        v = r.metrics[metric]
+        return v if math.isfinite(v) else math.inf
+
+    reported = [r for r in results if r.error is None and r.metrics and r.metrics.get(metric) is not None]
+    finished = [r for r in reported if r.metrics.get("step") == setup["steps"]]
+    return min(finished or reported, key=value)
+
+
 def best_yaml(args, best, setup: dict) -> str:
     """The best trial's config as `ddaebm train` reads it: CONFIG + fixed overrides + its values."""
     from ddaebm.config import load_config, to_yaml
@@ -452,7 +468,7 @@ def main(argv=None) -> int:
     if not done:
         print("sweep: error: no trial reported a metric", file=sys.stderr)
         return common.EXIT_FAILED
-    best = results.get_best_result(metric=setup["metric"], mode="min", scope="last", filter_nan_and_inf=False)
+    best = best_result(results, setup)
     out = Path(args.best_out or Path(setup["experiment"]) / "best.yaml")
     out.write_text(best_yaml(args, best, setup))
     summary = {"name": args.name, "metric": setup["metric"], "steps": setup["steps"], "resumed": resumed,
