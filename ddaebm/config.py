@@ -119,6 +119,10 @@ class LossConfig:
     r1_gamma_steps: Optional[list[float]] = None
     """γ of each step k = 0..num_steps−1, in place of r1_gamma (the penalty's price per noise level; e.g. the
     density f(·, 0) smooth while the mode-choosing steps stay cheap); null: r1_gamma at every step."""
+    step_probs: Optional[list[float]] = None
+    """How often each step k = 0..num_steps−1 is drawn for a row (normalised; null: uniform). Every term of both
+    losses is a mean over rows, so this also weights the steps' losses: a step that is harder to learn (on
+    25gaussians the one where the modes part) gets more rows and more of each update."""
     r1_target: str = "full_conditional"
     """'full_conditional' (∇[f + log N(x_{k+1}; a x_k, σ²)], official) or 'energy_only' (∇f)."""
     r1_interval: int = 1
@@ -313,6 +317,10 @@ def _check_choices(cfg: DictConfig) -> None:
     if steps is not None and (len(steps) != cfg.diffusion.num_steps or min(steps) < 0):
         raise ConfigError(f"loss.r1_gamma_steps must list diffusion.num_steps = {cfg.diffusion.num_steps} values "
                           f"≥ 0 (one γ per step k), got {list(steps)}")
+    probs = cfg.loss.step_probs
+    if probs is not None and (len(probs) != cfg.diffusion.num_steps or min(probs) < 0 or sum(probs) <= 0):
+        raise ConfigError(f"loss.step_probs must list diffusion.num_steps = {cfg.diffusion.num_steps} values ≥ 0 "
+                          f"with a positive sum (how often each step k is drawn), got {list(probs)}")
     if cfg.loss.nce_weight < 0 or cfg.loss.nce_std <= 0:
         raise ConfigError(f"loss.nce_weight must be ≥ 0 and loss.nce_std > 0, got {cfg.loss.nce_weight} and "
                           f"{cfg.loss.nce_std}")

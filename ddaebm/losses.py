@@ -57,17 +57,19 @@ class StepBatch:
 
 
 def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: Terms, nz: int,
-                    rng: torch.Generator, rank: int = 0, world: int = 1, nce_std: float | None = None) -> StepBatch:
+                    rng: torch.Generator, rank: int = 0, world: int = 1, nce_std: float | None = None,
+                    step_probs: list[float] | None = None) -> StepBatch:
     """Draw k, the real pair and the generator's fake x̃_k for one iteration (SPEC §1.5, §3, §5).
 
     x0 is this rank's slice of a global batch of world·len(x0) rows. Every rank draws k and the noises for the
     whole global batch (the same generator state everywhere) and keeps its rows, so a run is the same at any
     world size and resumes exactly on another one. `nce_std`: also draw the NCE noise (loss.nce_weight > 0).
+    `step_probs`: how often each k is drawn (loss.step_probs); None: uniform.
     """
     n = x0.shape[0]
     total, rows = n * world, slice(rank * n, (rank + 1) * n)
     dev = rng.device  # the training device: the noise is drawn where it is used
-    k = torch.randint(0, s.num_steps, (total,), generator=rng, device=dev)[rows]
+    k = draw_steps(total, s.num_steps, rng, step_probs)[rows]
     noise = torch.randn((3, total, *x0.shape[1:]), generator=rng, device=dev)[:, rows]
     z = torch.randn((total, nz), generator=rng, device=dev) if terms.latent else torch.zeros(total, nz, device=dev)
     z = z[rows]
@@ -78,6 +80,14 @@ def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: 
     x_fake = posterior_sample(s, x0_fake, x_k1, k, noise[2])
     return StepBatch(k=k, x_k=x_k.requires_grad_(True), x_k1=x_k1, z=z, x0_fake=x0_fake, x_fake=x_fake,
                      enc_noise=enc_noise, nce_noise=nce)
+
+
+def draw_steps(total: int, num_steps: int, rng: torch.Generator, probs: list[float] | None = None) -> torch.Tensor:
+    """The step k of each of `total` rows: uniform over 0..num_steps−1, or drawn with the weights `probs`."""
+    if probs is None:
+        return torch.randint(0, num_steps, (total,), generator=rng, device=rng.device)
+    weights = torch.tensor(list(probs), dtype=torch.float64, device=rng.device)
+    return torch.multinomial(weights, total, replacement=True, generator=rng)
 
 
 def r1_gammas(cfg: LossConfig, k: torch.Tensor) -> torch.Tensor | float:

@@ -33,6 +33,9 @@ def test_overrides_win_and_keep_types():
     ("train.steps", "key=value"),
     ("loss.r1_gamma_steps=[0.1,0.1]", "loss.r1_gamma_steps"),
     ("loss.r1_gamma_steps=[0.1,0.1,-1,0.1]", "loss.r1_gamma_steps"),
+    ("loss.step_probs=[1,1,1]", "loss.step_probs"),
+    ("loss.step_probs=[1,-1,1,1]", "loss.step_probs"),
+    ("loss.step_probs=[0,0,0,0]", "loss.step_probs"),
 ])
 def test_bad_overrides_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):

@@ -122,9 +122,11 @@ def test_global_batch_is_sliced_over_ranks():
     halves = [Trainer(cfg, rank, 2) for rank in range(2)]
     x = one.stream.next_batch()
     assert torch.equal(torch.cat([h.stream.next_batch() for h in halves]), x)
-    ref = draw_step_batch(x, one.schedule, one.gen_enc.generator, one.terms, cfg.model.nz, one.rng, nce_std=2.0)
+    probs = [0.1, 0.2, 0.5, 0.2]
+    ref = draw_step_batch(x, one.schedule, one.gen_enc.generator, one.terms, cfg.model.nz, one.rng, nce_std=2.0,
+                          step_probs=probs)
     parts = [draw_step_batch(x[r * 16:(r + 1) * 16], h.schedule, h.gen_enc.generator, h.terms, cfg.model.nz,
-                             h.rng, r, 2, nce_std=2.0) for r, h in enumerate(halves)]
+                             h.rng, r, 2, nce_std=2.0, step_probs=probs) for r, h in enumerate(halves)]
     for field in ("k", "x_k", "x_k1", "z", "x_fake", "enc_noise", "nce_noise"):
         assert torch.allclose(torch.cat([getattr(p, field) for p in parts]), getattr(ref, field), atol=1e-6), field
 

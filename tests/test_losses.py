@@ -8,7 +8,7 @@ from torch import nn
 
 from ddaebm.config import DiffusionConfig, LossConfig, ModelConfig
 from ddaebm.diffusion.schedule import build_schedule, log_transition
-from ddaebm.losses import (ABLATIONS, draw_step_batch, energy_loss, generator_loss, kl_to_standard_normal,
+from ddaebm.losses import (ABLATIONS, draw_step_batch, draw_steps, energy_loss, generator_loss, kl_to_standard_normal,
                            latent_nll, nce_log_ratio, nce_value, r1_expected_constant)
 from ddaebm.networks import build_energy, build_generator_encoder
 
@@ -53,6 +53,18 @@ def test_r1_constant_full_conditional():
     assert stats["r1"].item() == pytest.approx(r1_expected_constant(SCHEDULE, b.k, 2, 0.02).item(), rel=0.03)
     _, only = energy_loss(energy, SCHEDULE, b, dataclasses.replace(cfg, r1_target="energy_only"))
     assert only["r1"].item() == 0.0
+
+
+def test_step_probs_set_how_often_each_step_is_drawn():
+    """loss.step_probs: each k's share of the rows follows the normalised weights (4σ of a binomial), a zero
+    weight never draws its step, and the default stays the uniform draw that runs before it were trained with."""
+    total, probs = 40_000, [1.0, 1.0, 3.0, 0.0]
+    counts = torch.bincount(draw_steps(total, 4, torch.Generator().manual_seed(0), probs), minlength=4)
+    expected = torch.tensor(probs, dtype=torch.float64) / sum(probs)
+    tolerance = 4 * (expected * (1 - expected) / total).sqrt()
+    assert ((counts / total - expected).abs() <= tolerance).all() and counts[3] == 0, counts
+    uniform = draw_steps(1000, 4, torch.Generator().manual_seed(3))
+    assert torch.equal(uniform, torch.randint(0, 4, (1000,), generator=torch.Generator().manual_seed(3)))
 
 
 def test_r1_penalty_matches_autograd_of_full_conditional():

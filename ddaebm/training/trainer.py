@@ -178,7 +178,8 @@ class Trainer:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         nce_std = self.cfg.loss.nce_std if self.cfg.loss.nce_weight > 0 else None
         return draw_step_batch(x0, self.schedule, self.gen_enc.generator, self.terms,
-                               self.cfg.model.nz, self.rng, self.rank, self.world, nce_std)
+                               self.cfg.model.nz, self.rng, self.rank, self.world, nce_std,
+                               self.cfg.loss.step_probs)
 
     # ---- what a checkpoint carries: everything a bit-exact continuation needs
     def state_dict(self) -> dict:
