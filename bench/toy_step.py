@@ -6,10 +6,10 @@ Prints, for the project's trainer, for the same trainer with the toy fast path o
 the toy networks, R1 by double backward; ddaebm/networks/toy_fused.py) and for a straightforward baseline of the same
 math built in the same run (ATen's PReLU, the literal concatenated first layer, unfused Adam, R1 through autograd of
 the full conditional, toy data from Python loops as in the official code), the median time of one iteration after
-warm-up; these three run the reference's math (loss.nce_weight=0). When the config turns on ddaebm's NCE density
-term, the config as it trains is timed too ("with NCE"). The physical limit is the FLOPs one iteration performs
-(torch.utils.flop_counter's formulas: matmuls only) divided by the measured single-core throughput of a
-200×300×300 fp32 matmul.
+warm-up; these three run the reference's math (REFERENCE_MATH: ddaebm's NCE density term off, k uniform, one R1 γ
+for every step). When the config departs from it, the config as it trains is timed too ("as configured"). The
+physical limit is the FLOPs one iteration performs (torch.utils.flop_counter's formulas: matmuls only) divided by
+the measured single-core throughput of a 200×300×300 fp32 matmul.
 """
 
 from __future__ import annotations
@@ -115,10 +115,13 @@ class BaselineStep:
         self.opt_g.step()
 
 
+REFERENCE_MATH = ["loss.nce_weight=0", "loss.step_probs=null", "loss.r1_gamma_scale=null"]
+
+
 def measure(which: str, config: str, iters: int, warmup: int) -> dict:
     """ms/it, FLOPs and peak RSS of one implementation, in this (fresh) process. All but "default" run the
-    reference's math: the config with ddaebm's NCE density term off."""
-    trainer = Trainer(load_config(config, [] if which == "default" else ["loss.nce_weight=0"]))
+    reference's math (REFERENCE_MATH)."""
+    trainer = Trainer(load_config(config, [] if which == "default" else REFERENCE_MATH))
     if which == "generic":
         toy_fused.enabled = False
     step = BaselineStep(trainer) if which == "baseline" else trainer.train_step
@@ -153,7 +156,7 @@ def main() -> None:
     peak = matmul_gflops()
     # Alternate them so that a busy second core slows all alike.
     runs = {"ddaebm": [], "generic": [], "baseline": []}
-    if load_config(args.config).loss.nce_weight > 0:  # the toy default as it trains, NCE rows included
+    if load_config(args.config) != load_config(args.config, REFERENCE_MATH):  # the config as it trains
         runs["default"] = []
     for _ in range(args.rounds):
         for which in runs:
@@ -177,8 +180,9 @@ def main() -> None:
     if "default" in runs:
         d = runs["default"]
         d_ms = statistics.median(r["ms"] for r in d)
-        print(f"with NCE (config) {d_ms:.2f} ms/it   {d[0]['flops'] / 1e9:.3f} GFLOP/it   "
-              f"(the rows above: loss.nce_weight=0, the reference's math; rounds: {rounds['default']})")
+        print(f"as configured     {d_ms:.2f} ms/it   {d[0]['flops'] / 1e9:.3f} GFLOP/it   (NCE rows, step_probs, "
+              f"per-step γ as the config sets them; the rows above run {' '.join(REFERENCE_MATH)}; "
+              f"rounds: {rounds['default']})")
     print(f"CPU time / it     ddaebm {cpu['ddaebm']:.2f} ms, generic {cpu['generic']:.2f} ms, baseline "
           f"{cpu['baseline']:.2f} ms: {cpu['baseline'] / cpu['ddaebm']:.2f}x, {cpu['generic'] / cpu['ddaebm']:.2f}x")
     rss = {which: max(r["rss_mb"] for r in rs) for which, rs in runs.items()}

@@ -116,9 +116,10 @@ class LossConfig:
     recon_var_floor_step1: bool = False
     """Also floor v_k at σ̃²_1 (official image code: v_k = max(σ̃²_k, σ̃²_1))."""
     r1_gamma: float = 0.02
-    r1_gamma_steps: Optional[list[float]] = None
-    """γ of each step k = 0..num_steps−1, in place of r1_gamma (the penalty's price per noise level; e.g. the
-    density f(·, 0) smooth while the mode-choosing steps stay cheap); null: r1_gamma at every step."""
+    r1_gamma_scale: Optional[list[float]] = None
+    """A factor on r1_gamma for each step k = 0..num_steps−1 (the penalty's price per noise level; e.g. the
+    density f(·, 0) smooth while the mode-choosing steps stay cheap); null: r1_gamma at every step. A sweep
+    over r1_gamma keeps the steps' ratios."""
     step_probs: Optional[list[float]] = None
     """How often each step k = 0..num_steps−1 is drawn for a row (normalised; null: uniform). Every term of both
     losses is a mean over rows, so this also weights the steps' losses: a step that is harder to learn (on
@@ -313,10 +314,10 @@ def _check_choices(cfg: DictConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
     _check_variances(cfg.diffusion)
-    steps = cfg.loss.r1_gamma_steps
-    if steps is not None and (len(steps) != cfg.diffusion.num_steps or min(steps) < 0):
-        raise ConfigError(f"loss.r1_gamma_steps must list diffusion.num_steps = {cfg.diffusion.num_steps} values "
-                          f"≥ 0 (one γ per step k), got {list(steps)}")
+    scale = cfg.loss.r1_gamma_scale
+    if scale is not None and (len(scale) != cfg.diffusion.num_steps or min(scale) < 0):
+        raise ConfigError(f"loss.r1_gamma_scale must list diffusion.num_steps = {cfg.diffusion.num_steps} values "
+                          f"≥ 0 (a factor on r1_gamma per step k), got {list(scale)}")
     probs = cfg.loss.step_probs
     if probs is not None and (len(probs) != cfg.diffusion.num_steps or min(probs) < 0 or sum(probs) <= 0):
         raise ConfigError(f"loss.step_probs must list diffusion.num_steps = {cfg.diffusion.num_steps} values ≥ 0 "

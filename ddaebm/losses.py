@@ -91,14 +91,14 @@ def draw_steps(total: int, num_steps: int, rng: torch.Generator, probs: list[flo
 
 
 def r1_gammas(cfg: LossConfig, k: torch.Tensor) -> torch.Tensor | float:
-    """γ of each row's step k ([B], from loss.r1_gamma_steps), or the one loss.r1_gamma."""
-    if cfg.r1_gamma_steps is None:
+    """γ of each row's step k ([B]: loss.r1_gamma times its step's loss.r1_gamma_scale), or the one r1_gamma."""
+    if cfg.r1_gamma_scale is None:
         return cfg.r1_gamma
-    return torch.tensor(cfg.r1_gamma_steps, dtype=torch.float32, device=k.device)[k]
+    return cfg.r1_gamma * torch.tensor(list(cfg.r1_gamma_scale), dtype=torch.float32, device=k.device)[k]
 
 
 def r1_enabled(cfg: LossConfig) -> bool:
-    return (max(cfg.r1_gamma_steps) if cfg.r1_gamma_steps is not None else cfg.r1_gamma) > 0
+    return cfg.r1_gamma > 0 and (cfg.r1_gamma_scale is None or max(cfg.r1_gamma_scale) > 0)
 
 
 def r1_expected_constant(s: Schedule, k: torch.Tensor, dim: int, gamma: torch.Tensor | float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from ddaebm.config import DiffusionConfig, LossConfig, ModelConfig
 from ddaebm.diffusion.schedule import build_schedule
-from ddaebm.losses import ABLATIONS, draw_step_batch, energy_loss, generator_loss, lazy_r1_loss
+from ddaebm.losses import ABLATIONS, draw_step_batch, energy_loss, generator_loss, lazy_r1_loss, r1_gammas
 from ddaebm.networks import build_energy, build_generator_encoder, toy_fused
 from ddaebm.training.precision import autocast_bf16
 
@@ -65,7 +65,7 @@ def _energy_step(energy, gen_enc, b, cfg, fused, lazy=False):
 @pytest.mark.parametrize("k", [0, 1, 2, 3, None])
 @pytest.mark.parametrize("cfg", [LossConfig(r1_gamma=0.3), LossConfig(r1_gamma=0.02, fake_weight=0.1),
                                  LossConfig(r1_gamma=0.3, r1_target="energy_only"), LossConfig(r1_gamma=0.0),
-                                 LossConfig(r1_gamma=0.0, r1_gamma_steps=[0.3, 0.0, 0.02, 0.1]),
+                                 LossConfig(r1_gamma=0.1, r1_gamma_scale=[3.0, 0.0, 0.2, 1.0]),
                                  LossConfig(r1_gamma=0.3, nce_weight=1.0, nce_std=1.5),
                                  LossConfig(r1_gamma=0.0, nce_weight=0.5, nce_std=1.5)])
 def test_energy_loss_and_gradients_match_autograd(k, cfg):
@@ -79,8 +79,8 @@ def test_energy_loss_and_gradients_match_autograd(k, cfg):
         torch.testing.assert_close(stats[key], stats_ref[key], **TOL)
     torch.testing.assert_close(loss, loss_ref, **TOL)
     _close(names, (grads, grads_ref))
-    # The R1 term on its own moves every weight it touches, the PReLU slopes among them.
-    if cfg.r1_gamma:
+    # The R1 term on its own moves every weight it touches, the PReLU slopes among them (where a row's γ > 0).
+    if torch.as_tensor(r1_gammas(cfg, b.k)).max() > 0:
         r1_only = dataclasses.replace(cfg, fake_weight=0.0)
         _, _, g_fast, _ = _energy_step(energy, gen_enc, b, r1_only, fused=True)
         _, _, g_slow, _ = _energy_step(energy, gen_enc, b, dataclasses.replace(r1_only, r1_gamma=0.0), fused=True)
