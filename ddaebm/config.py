@@ -122,8 +122,9 @@ class LossConfig:
     over r1_gamma keeps the steps' ratios."""
     step_probs: Optional[list[float]] = None
     """How often each step k = 0..num_steps−1 is drawn for a row (normalised; null: uniform). Every term of both
-    losses is a mean over rows, so this also weights the steps' losses: a step that is harder to learn (on
-    25gaussians the one where the modes part) gets more rows and more of each update."""
+    losses is a mean over rows, so this also weights the steps' losses (the NCE term, normalised by rows/T, scales
+    with the share of k = 0 as the k = 0 conditional loss does): a step that is harder to learn (on 25gaussians
+    those where the modes part) gets more rows and more of each update."""
     r1_target: str = "full_conditional"
     """'full_conditional' (∇[f + log N(x_{k+1}; a x_k, σ²)], official) or 'energy_only' (∇f)."""
     r1_interval: int = 1
