@@ -230,7 +230,9 @@ def _linear_batch_norm(bn: SimpleNamespace | None, x: torch.Tensor, w: torch.Ten
 
 def _batch_norm_forward(bn: SimpleNamespace, h: torch.Tensor, groups: int, shift: torch.Tensor | None = None):
     """nn.BatchNorm1d's forward on h + shift per group of rows, as `groups` calls in turn would run it (running
-    averages updated in training, group 0 first); a training-mode `shift` only moves the running mean.
+    averages updated in training, group 0 first); a training-mode `shift` only moves the running mean. Returns
+    the output and what the backward needs: the batch statistics, `groups`, and the (weight, running mean,
+    running variance) the call read, repeated per group.
 
     Groups interleave: row g + groups·r is row r of group g, so h viewed as [rows, groups·C] gives each (group,
     channel) a column of its own and one ATen call normalises every group (the module docstring)."""
@@ -241,13 +243,13 @@ def _batch_norm_forward(bn: SimpleNamespace, h: torch.Tensor, groups: int, shift
         out, mean, invstd = torch.native_batch_norm(h, bn.w, bn.b, bn.rm, bn.rv, m.training, m.momentum, m.eps)
         if shift is not None:
             bn.rm.add_(shift, alpha=m.momentum)
-        return out, (mean, invstd, 1)
+        return out, (mean, invstd, 1, (bn.w, bn.rm, bn.rv))
     rows = h.shape[0] // groups
     hv, w, b = h.view(rows, -1), torch.cat([bn.w] * groups), torch.cat([bn.b] * groups)
     if not m.training:
         rm, rv = torch.cat([bn.rm] * groups), torch.cat([bn.rv] * groups)
         out, mean, invstd = torch.native_batch_norm(hv, w, b, rm, rv, False, 0.0, m.eps)
-        return out.view_as(h), (mean, invstd, groups)
+        return out.view_as(h), (mean, invstd, groups, (w, rm, rv))
     out, mean, invstd = torch.native_batch_norm(hv, w, b, None, None, True, 0.0, m.eps)
     # The running averages as the calls in turn would update them: the batch mean (+ shift), the unbiased variance.
     mean_g = mean.view(groups, -1) if shift is None else mean.view(groups, -1) + shift
@@ -256,22 +258,20 @@ def _batch_norm_forward(bn: SimpleNamespace, h: torch.Tensor, groups: int, shift
         bn.n.add_(1)
         bn.rm.lerp_(mean_g[i], m.momentum)
         bn.rv.lerp_(var_g[i], m.momentum)
-    return out.view_as(h), (mean, invstd, groups)
+    return out.view_as(h), (mean, invstd, groups, (w, None, None))
 
 
 def _batch_norm_backward(bn: SimpleNamespace | None, g: torch.Tensor, h: torch.Tensor, saved):
-    """(∂/∂input, [∂/∂weight, ∂/∂bias]) of a _batch_norm_forward, by ATen's BatchNorm backward."""
+    """(∂/∂input, [∂/∂weight, ∂/∂bias]) of a _batch_norm_forward, by ATen's BatchNorm backward on the tensors the
+    forward read (a group's parameter gradients are the sum over its columns)."""
     if bn is None:
         return g, []
-    m = bn.m
-    mean, invstd, groups = saved
-    if groups == 1:
-        gi, gw, gb = _bn_backward(g, h, bn.w, bn.rm, bn.rv, mean, invstd, m.training, m.eps, [True, True, True])
-        return gi, [gw, gb]
+    mean, invstd, groups, (w, rm, rv) = saved
     rows = h.shape[0] // groups
-    rm, rv = (None, None) if m.training else (torch.cat([bn.rm] * groups), torch.cat([bn.rv] * groups))
-    gi, gw, gb = _bn_backward(g.view(rows, -1), h.view(rows, -1), torch.cat([bn.w] * groups), rm, rv, mean, invstd,
-                              m.training, m.eps, [True, True, True])
+    gi, gw, gb = _bn_backward(g.view(rows, -1), h.view(rows, -1), w, rm, rv, mean, invstd, bn.m.training, bn.m.eps,
+                              [True, True, True])
+    if groups == 1:
+        return gi, [gw, gb]
     return gi.view_as(g), [gw.view(groups, -1).sum(0), gb.view(groups, -1).sum(0)]
 
 
