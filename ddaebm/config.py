@@ -315,14 +315,9 @@ def _check_choices(cfg: DictConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
     _check_variances(cfg.diffusion)
-    scale = cfg.loss.r1_gamma_scale
-    if scale is not None and (len(scale) != cfg.diffusion.num_steps or min(scale) < 0):
-        raise ConfigError(f"loss.r1_gamma_scale must list diffusion.num_steps = {cfg.diffusion.num_steps} values "
-                          f"≥ 0 (a factor on r1_gamma per step k), got {list(scale)}")
-    probs = cfg.loss.step_probs
-    if probs is not None and (len(probs) != cfg.diffusion.num_steps or min(probs) < 0 or sum(probs) <= 0):
-        raise ConfigError(f"loss.step_probs must list diffusion.num_steps = {cfg.diffusion.num_steps} values ≥ 0 "
-                          f"with a positive sum (how often each step k is drawn), got {list(probs)}")
+    _check_per_step(cfg, "loss.r1_gamma_scale", "≥ 0 (a factor on r1_gamma per step k)")
+    _check_per_step(cfg, "loss.step_probs", "≥ 0 with a positive sum (how often each step k is drawn)",
+                    positive_sum=True)
     if cfg.loss.nce_weight < 0 or cfg.loss.nce_std <= 0:
         raise ConfigError(f"loss.nce_weight must be ≥ 0 and loss.nce_std > 0, got {cfg.loss.nce_weight} and "
                           f"{cfg.loss.nce_std}")
@@ -334,6 +329,14 @@ def _check_choices(cfg: DictConfig) -> None:
     for key in ("data.batch", "train.steps", "diffusion.num_steps", "model.nz", "loss.r1_interval"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be ≥ 1, got {OmegaConf.select(cfg, key)}")
+
+
+def _check_per_step(cfg: DictConfig, key: str, meaning: str, positive_sum: bool = False) -> None:
+    """A list with one value ≥ 0 per step k (null: unset)."""
+    values = OmegaConf.select(cfg, key)
+    steps = cfg.diffusion.num_steps
+    if values is not None and (len(values) != steps or min(values) < 0 or (positive_sum and sum(values) <= 0)):
+        raise ConfigError(f"{key} must list diffusion.num_steps = {steps} values {meaning}, got {list(values)}")
 
 
 def _check_variances(d: DictConfig) -> None:
