@@ -225,6 +225,12 @@ class SampleConfig:
     """Step size s of the energy refinement x ← x + s·∇f(x, 0) (SPEC §7.2; not reported by the paper)."""
     use_ema: bool = True
     """Sample with the EMA generator when optim.ema_decay > 0 (SPEC §7.1), else with the raw one."""
+    precise_bn_batches: int = 100
+    """Before sampling, the generator's BatchNorm running statistics are recomputed as the plain average of its
+    batch statistics over this many training-like batches (k, x_{k+1} and z drawn as in training, the data from
+    a fresh stream), on a copy: training leaves an average over its last ~10 batches (momentum 0.1), noisy
+    enough to unbalance the masses of the modes. 0 keeps the trained statistics. Nothing to do for a generator
+    without BatchNorm or with model.sample_bn_mode=train."""
 
 
 @dataclass
@@ -329,6 +335,8 @@ def _check_choices(cfg: DictConfig) -> None:
     for key in ("data.batch", "train.steps", "diffusion.num_steps", "model.nz", "loss.r1_interval"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be ≥ 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.sample.precise_bn_batches < 0:
+        raise ConfigError(f"sample.precise_bn_batches must be ≥ 0 (0: off), got {cfg.sample.precise_bn_batches}")
 
 
 def _check_per_step(cfg: DictConfig, key: str, meaning: str, positive_sum: bool = False) -> None:

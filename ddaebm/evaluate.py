@@ -56,15 +56,16 @@ def generate(trainer: Trainer, num: int, seed: int, refine: bool = False, use_em
     from ddaebm.sampling import refine as refine_fn
     from ddaebm.sampling import sample, sample_indexed
 
-    gen_enc, energy = trainer.sampling_networks(trainer.cfg.sample.use_ema if use_ema is None else use_ema)
+    use_ema = trainer.cfg.sample.use_ema if use_ema is None else use_ema
+    generator, (_, energy) = trainer.sampling_generator(use_ema), trainer.sampling_networks(use_ema)
     m = trainer.cfg.model
     if is_toy(trainer.cfg):
-        x = sample(gen_enc.generator, trainer.schedule, num, trainer.data_shape, m.nz,
+        x = sample(generator, trainer.schedule, num, trainer.data_shape, m.nz,
                    torch.Generator().manual_seed(seed), use_latent=trainer.terms.latent,
                    bn_train=m.sample_bn_mode == "train")
     else:
         indices = range(num) if indices is None else indices
-        chunks = [sample_indexed(gen_enc.generator, trainer.schedule, indices[i:i + batch], seed, trainer.data_shape,
+        chunks = [sample_indexed(generator, trainer.schedule, indices[i:i + batch], seed, trainer.data_shape,
                                  m.nz, trainer.device, trainer.terms.latent) for i in range(0, len(indices), batch)]
         x = torch.cat(chunks)
     return refine_fn(energy, x, trainer.cfg.sample.refine_step) if refine else x
@@ -150,17 +151,17 @@ def per_step_quality(trainer: Trainer, num: int, seed: int = 0) -> dict:
     from ddaebm.sampling import bn_mode, denoise
 
     cfg = trainer.cfg
-    gen_enc, _ = trainer.sampling_networks(cfg.sample.use_ema)  # the generator `generate` samples with
+    generator = trainer.sampling_generator(cfg.sample.use_ema)  # the one `generate` samples with
     rng = torch.Generator().manual_seed(seed)
     data = sample_toy(cfg.data.dataset, num, rng)
     modes = toy_modes(cfg.data.dataset)
     out = {}
-    with bn_mode(gen_enc.generator, cfg.model.sample_bn_mode == "train"):
+    with bn_mode(generator, cfg.model.sample_bn_mode == "train"):
         for step in range(trainer.schedule.num_steps):
             k = torch.full((num,), step, dtype=torch.long)
             _, x_k1 = diffuse_pair(trainer.schedule.to("cpu"), data, k, torch.randn(data.shape, generator=rng),
                                    torch.randn(data.shape, generator=rng))
-            x = denoise(gen_enc.generator, trainer.schedule, x_k1.to(trainer.device), step, cfg.model.nz, rng,
+            x = denoise(generator, trainer.schedule, x_k1.to(trainer.device), step, cfg.model.nz, rng,
                         trainer.terms.latent)
             x = x.cpu().numpy()
             out[f"from_real_x{step + 1}_sliced_w1"] = sliced_w1(x, data.numpy(), seed=seed)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -24,6 +26,36 @@ def bn_mode(module: nn.Module, train: bool):
         yield module
     finally:
         module.train(was)
+
+
+def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def precise_bn(generator: nn.Module, inputs: Iterable[tuple[torch.Tensor, ...]]) -> nn.Module:
+    """A copy of `generator` whose BatchNorm running statistics are the plain averages of its batch statistics
+    over `inputs` (argument tuples of training-like forwards), "precise BN": the running averages training
+    leaves weigh its last ~1/momentum batches, a noisy estimate of what eval mode needs. The weights are
+    shared with the original, which is left untouched; without BatchNorm, the generator itself."""
+    norms = batch_norms(generator)
+    if not norms:
+        return generator
+    copied = copy.deepcopy(generator)
+    momenta = [m.momentum for m in norms]
+    for m in batch_norms(copied):
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: batch i gets weight 1/i, so all end equal
+    seen = 0
+    with bn_mode(copied, True):
+        for args in inputs:
+            copied(*args)
+            seen += 1
+    if seen == 0:
+        raise ValueError("precise_bn: no batches to average over")
+    for m, momentum in zip(batch_norms(copied), momenta):
+        m.momentum = momentum
+    return copied
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ def test_overrides_win_and_keep_types():
     ("loss.step_probs=[1,1,1]", "loss.step_probs"),
     ("loss.step_probs=[1,-1,1,1]", "loss.step_probs"),
     ("loss.step_probs=[0,0,0,0]", "loss.step_probs"),
+    ("sample.precise_bn_batches=-1", "sample.precise_bn_batches"),
 ])
 def test_bad_overrides_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):

@@ -17,12 +17,16 @@ from ddaebm import distributed
 from ddaebm.config import Config, to_dict
 from ddaebm.data.stream import build_stream, data_shape
 from ddaebm.diffusion.schedule import build_schedule
-from ddaebm.losses import (ABLATIONS, StepBatch, draw_step_batch, energy_loss, generator_loss, lazy_r1_loss,
-                           r1_enabled)
+from ddaebm.diffusion.schedule import diffuse_pair
+from ddaebm.losses import (ABLATIONS, StepBatch, draw_step_batch, draw_steps, energy_loss, generator_loss,
+                           lazy_r1_loss, r1_enabled)
 from ddaebm.networks import build_energy, build_generator_encoder
+from ddaebm.sampling import precise_bn
 from ddaebm.training.precision import autocast_bf16
 from ddaebm.training.ema import EMA
 from ddaebm.training.engine import TorchEngine, retain_freed_heap_memory
+
+PRECISE_BN_SEED = 1_000_033  # the precise-BN batches' noise: fixed, so samples of a run are reproducible
 
 LossFn = Callable[["Trainer", StepBatch], tuple[torch.Tensor, dict]]
 
@@ -220,3 +224,28 @@ class Trainer:
         if use_ema and self.ema is not None:
             return self.ema.shadow["generator"], self.ema.shadow["energy"]
         return self.gen_enc, self.energy
+
+    def sampling_generator(self, use_ema: bool = True) -> torch.nn.Module:
+        """The generator to sample with (the EMA copy when kept), with BatchNorm statistics recomputed over
+        sample.precise_bn_batches training-like batches where sampling reads them (model.sample_bn_mode=eval).
+
+        Averaged weights get statistics of their own this way, which the EMA copy otherwise lacks (it carries
+        the raw network's)."""
+        generator = self.sampling_networks(use_ema)[0].generator
+        if self.cfg.sample.precise_bn_batches == 0 or self.cfg.model.sample_bn_mode == "train":
+            return generator
+        return precise_bn(generator, self._generator_inputs(self.cfg.sample.precise_bn_batches))
+
+    def _generator_inputs(self, num_batches: int):
+        """(x_{k+1}, k, z) batches as training draws them (k by loss.step_probs), from a fresh data stream and a
+        fixed seed: the same batches at every call, and the training's own stream and RNG do not move."""
+        stream, s, nz = build_stream(self.cfg, device=self.device), self.schedule, self.cfg.model.nz
+        rng = torch.Generator(device=self.device).manual_seed(PRECISE_BN_SEED)
+        for _ in range(num_batches):
+            x0 = stream.next_batch().to(self.device)
+            n = x0.shape[0]
+            k = draw_steps(n, s.num_steps, rng, self.cfg.loss.step_probs)
+            noise = torch.randn((2, *x0.shape), generator=rng, device=self.device)
+            _, x_k1 = diffuse_pair(s, x0, k, noise[0], noise[1])
+            z = torch.randn((n, nz), generator=rng, device=self.device) if self.terms.latent else x0.new_zeros(n, nz)
+            yield x_k1, k, z
