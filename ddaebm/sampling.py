@@ -36,8 +36,8 @@ def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def precise_bn(generator: nn.Module, inputs: Iterable[tuple[torch.Tensor, ...]]) -> nn.Module:
     """A copy of `generator` whose BatchNorm running statistics are the plain averages of its batch statistics
     over `inputs` (argument tuples of training-like forwards), "precise BN": the running averages training
-    leaves weigh its last ~1/momentum batches, a noisy estimate of what eval mode needs. The weights are
-    shared with the original, which is left untouched; without BatchNorm, the generator itself."""
+    leaves weigh its last ~1/momentum batches, a noisy estimate of what eval mode needs. The original is left
+    untouched; without BatchNorm, the generator itself (and `inputs` is not drawn from)."""
     norms = batch_norms(generator)
     if not norms:
         return generator
