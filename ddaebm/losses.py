@@ -66,20 +66,29 @@ def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: 
     world size and resumes exactly on another one. `nce_std`: also draw the NCE noise (loss.nce_weight > 0).
     `step_probs`: how often each k is drawn (loss.step_probs); None: uniform.
     """
+    k, x_k, x_k1, z, posterior_noise = draw_generator_inputs(x0, s, terms.latent, nz, rng, rank, world, step_probs)
+    n, dev = x0.shape[0], rng.device
+    total, rows = n * world, slice(rank * n, (rank + 1) * n)
+    enc_noise = torch.randn((total, nz), generator=rng, device=dev)[rows]
+    nce = None if nce_std is None else nce_std * torch.randn((total, *x0.shape[1:]), generator=rng, device=dev)[rows]
+    x0_fake = generator(x_k1, k, z)
+    x_fake = posterior_sample(s, x0_fake, x_k1, k, posterior_noise)
+    return StepBatch(k=k, x_k=x_k.requires_grad_(True), x_k1=x_k1, z=z, x0_fake=x0_fake, x_fake=x_fake,
+                     enc_noise=enc_noise, nce_noise=nce)
+
+
+def draw_generator_inputs(x0: torch.Tensor, s: Schedule, latent: bool, nz: int, rng: torch.Generator, rank: int = 0,
+                          world: int = 1, step_probs: list[float] | None = None):
+    """(k, x_k, x_{k+1}, z, the noise of the posterior sample) of this rank's rows, drawn for the global batch as
+    draw_step_batch describes; what the generator's training forward G(x_{k+1}, k, z) reads."""
     n = x0.shape[0]
     total, rows = n * world, slice(rank * n, (rank + 1) * n)
     dev = rng.device  # the training device: the noise is drawn where it is used
     k = draw_steps(total, s.num_steps, rng, step_probs)[rows]
     noise = torch.randn((3, total, *x0.shape[1:]), generator=rng, device=dev)[:, rows]
-    z = torch.randn((total, nz), generator=rng, device=dev) if terms.latent else torch.zeros(total, nz, device=dev)
-    z = z[rows]
-    enc_noise = torch.randn((total, nz), generator=rng, device=dev)[rows]
-    nce = None if nce_std is None else nce_std * torch.randn((total, *x0.shape[1:]), generator=rng, device=dev)[rows]
+    z = torch.randn((total, nz), generator=rng, device=dev) if latent else torch.zeros(total, nz, device=dev)
     x_k, x_k1 = diffuse_pair(s, x0, k, noise[0], noise[1])
-    x0_fake = generator(x_k1, k, z)
-    x_fake = posterior_sample(s, x0_fake, x_k1, k, noise[2])
-    return StepBatch(k=k, x_k=x_k.requires_grad_(True), x_k1=x_k1, z=z, x0_fake=x0_fake, x_fake=x_fake,
-                     enc_noise=enc_noise, nce_noise=nce)
+    return k, x_k, x_k1, z[rows], noise[2]
 
 
 def draw_steps(total: int, num_steps: int, rng: torch.Generator, probs: list[float] | None = None) -> torch.Tensor:

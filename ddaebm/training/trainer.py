@@ -17,8 +17,7 @@ from ddaebm import distributed
 from ddaebm.config import Config, to_dict
 from ddaebm.data.stream import build_stream, data_shape
 from ddaebm.diffusion.schedule import build_schedule
-from ddaebm.diffusion.schedule import diffuse_pair
-from ddaebm.losses import (ABLATIONS, StepBatch, draw_step_batch, draw_steps, energy_loss, generator_loss,
+from ddaebm.losses import (ABLATIONS, StepBatch, draw_generator_inputs, draw_step_batch, energy_loss, generator_loss,
                            lazy_r1_loss, r1_enabled)
 from ddaebm.networks import build_energy, build_generator_encoder
 from ddaebm.sampling import precise_bn
@@ -239,13 +238,10 @@ class Trainer:
     def _generator_inputs(self, num_batches: int):
         """(x_{k+1}, k, z) batches as training draws them (k by loss.step_probs), from a fresh data stream and a
         fixed seed: the same batches at every call, and the training's own stream and RNG do not move."""
-        stream, s, nz = build_stream(self.cfg, device=self.device), self.schedule, self.cfg.model.nz
+        stream = build_stream(self.cfg, device=self.device)
         rng = torch.Generator(device=self.device).manual_seed(PRECISE_BN_SEED)
         for _ in range(num_batches):
-            x0 = stream.next_batch().to(self.device)
-            n = x0.shape[0]
-            k = draw_steps(n, s.num_steps, rng, self.cfg.loss.step_probs)
-            noise = torch.randn((2, *x0.shape), generator=rng, device=self.device)
-            _, x_k1 = diffuse_pair(s, x0, k, noise[0], noise[1])
-            z = torch.randn((n, nz), generator=rng, device=self.device) if self.terms.latent else x0.new_zeros(n, nz)
+            k, _, x_k1, z, _ = draw_generator_inputs(stream.next_batch().to(self.device), self.schedule,
+                                                     self.terms.latent, self.cfg.model.nz, rng,
+                                                     step_probs=self.cfg.loss.step_probs)
             yield x_k1, k, z
