@@ -55,7 +55,9 @@ def run_ranks(args: list[str], nproc: int, cwd: Path, timeout: int = TIMEOUT) ->
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(free_port()), "-m", "ddaebm", *args]
-    return subprocess.run(cmd, cwd=cwd, env=ds_env(), capture_output=True, text=True, timeout=timeout)
+    # TMPDIR: torchrun's agent leaves a torchelastic_* folder in the temp dir per launch: keep it in the test's folder
+    return subprocess.run(cmd, cwd=cwd, env=ds_env() | {"TMPDIR": str(cwd)}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def spawn_ranks(args: list[str], nproc: int, cwd: Path, log_dir: Path) -> list[subprocess.Popen]:

@@ -156,7 +156,8 @@ def test_train_py_continues_a_cli_run_and_survives_a_killed_worker(tmp_path):
     cli = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "ddaebm",
            "train", TOY, "--run-dir", str(run_dir), "--steps", "60", "--slice-steps", "20", *DS_TINY]
-    r = subprocess.run(cli, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cli, cwd=ROOT, env=_env() | {"TMPDIR": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=300)  # TMPDIR: torchrun's torchelastic_* folder goes with the test's
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     t0 = time.time()
