@@ -1,4 +1,5 @@
-"""Per-sample seeds: sample i is the same whatever the batching or the rank split (SPEC §7.1 sampler)."""
+"""Sampling (SPEC §7.1): per-sample seeds (sample i is the same whatever the batching or the rank split), and
+precise BN (the generator's BatchNorm statistics recomputed before sampling, sample.precise_bn_batches)."""
 
 import pytest
 import torch
@@ -92,6 +93,9 @@ def test_sampling_generator_recomputes_statistics_reproducibly_and_leaves_traini
         assert torch.equal(x.running_mean, y.running_mean) and torch.equal(x.running_var, y.running_var)
         assert not torch.equal(x.running_mean, z.running_mean)
     assert torch.equal(t.stream.state_dict()["rng"], stream) and torch.equal(t.rng.get_state(), rng)
+    from ddaebm.evaluate import generate
+
+    assert torch.equal(generate(t, 64, seed=3), generate(t, 64, seed=3))  # samples of a run are reproducible
     off = _toy_trainer("sample.precise_bn_batches=0")
     assert off.sampling_generator(True) is off.ema.shadow["generator"].generator
     assert off.sampling_generator(False) is off.gen_enc.generator
