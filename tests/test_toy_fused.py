@@ -213,6 +213,11 @@ def test_fast_path_steps_aside():
     swapped = copy.deepcopy(energy)
     swapped.head[0] = torch.nn.PReLU()
     assert not toy_fused.energy_supported(swapped, x)
+    # a replaced parameter (no scalar ==: compared by identity) renews the cached spec
+    renewed = copy.deepcopy(energy)
+    assert toy_fused.energy_supported(renewed, x)
+    renewed.head[1].weight = torch.nn.Parameter(renewed.head[1].weight.detach() * 2)
+    assert toy_fused.energy_supported(renewed, x) and toy_fused.spec(renewed).w2 is renewed.head[1].weight
     with toy_fused.disabled():
         assert not toy_fused.energy_supported(energy, x)
         assert not toy_fused.mlp_supported(gen_enc.generator.net, torch.zeros(8, 4))

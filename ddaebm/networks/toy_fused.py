@@ -127,40 +127,46 @@ def mlp_spec(mlp: _ConditionalMLP) -> SimpleNamespace:
     return sp
 
 
-def _snapshot(modules: tuple) -> list:
-    """What a layout check and a spec depend on: every module's children, parameters, buffers, BatchNorm settings."""
-    return [(*m._modules.values(), *m._parameters.values(), *m._buffers.values(), m.__dict__.get("momentum"))
-            for m in modules]
+def _snapshot(modules: tuple) -> tuple[list, tuple]:
+    """What a layout check and a spec depend on: every module's children, parameters and buffers, and BatchNorm
+    settings. Returns (those objects, a key of their identities): tensors have no scalar ==, and a replaced one
+    must count as a change even when equal. Whoever keeps a key keeps its objects too, so no id is reused."""
+    objects = [v for m in modules for v in (*m._modules.values(), *m._parameters.values(), *m._buffers.values())]
+    return objects, (*map(id, objects), *(m.__dict__.get("momentum") for m in modules))
 
 
-# module -> (its submodules but itself, their snapshot, its spec) once its layout passed; weak (and holding no
-# reference to the module), so copies start afresh and a dropped module is forgotten
+def _hooked(modules: tuple) -> bool:
+    """Whether hooks or a per-instance forward (autocast_bf16's wrapper, a swapped method) sit on any module."""
+    for m in modules:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
+                or "forward" in m.__dict__:
+            return True
+    return False
+
+
+# module -> (its submodules but itself, their snapshot's objects and key, its spec) once its layout passed; weak
+# (and holding no reference to the module), so copies start afresh and a dropped module is forgotten
 _layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def supported_spec(module: nn.Module, layout, build, x: torch.Tensor) -> SimpleNamespace | None:
     """`build(module)` (cached, with .params = module.parameters()) when the module's layout passes (checked once,
-    rechecked if anything in it was replaced), no hooks or per-instance forward (autocast_bf16's wrapper, a
-    swapped method) sit anywhere inside, no autocast is on, and the parameters are of x's dtype and device;
-    else None."""
+    rechecked if anything in it was replaced), no hooks or per-instance forward sit anywhere inside, no autocast
+    is on, and the parameters are of x's dtype and device; else None."""
     entry = _layouts.get(module)
     modules = (module, *entry[0]) if entry is not None else None
-    if entry is None or _snapshot(modules) != entry[1]:
+    if entry is None or _snapshot(modules)[1] != entry[2]:
         if not layout(module):
             return None
         modules = tuple(module.modules())
         sp = build(module)
         sp.params = list(module.parameters())
-        entry = _layouts[module] = (modules[1:], _snapshot(modules), sp)
+        entry = _layouts[module] = (modules[1:], *_snapshot(modules), sp)
     if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
             or getattr(_module, "_global_backward_pre_hooks", None) or not x.is_floating_point()
-            or torch.is_autocast_enabled(x.device.type)):
+            or torch.is_autocast_enabled(x.device.type) or _hooked(modules)):
         return None
-    for m in modules:
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
-                or "forward" in m.__dict__:
-            return None
-    sp, dtype, device = entry[2], x.dtype, x.device
+    sp, dtype, device = entry[3], x.dtype, x.device
     for p in sp.params:
         if p.dtype != dtype or p.device != device:
             return None
@@ -172,7 +178,7 @@ def spec(module: nn.Module) -> SimpleNamespace:
     entry = _layouts.get(module)
     if entry is None:
         raise ValueError(f"{type(module).__name__}: call its *_supported check before the fast path")
-    return entry[2]
+    return entry[3]
 
 
 def energy_supported(energy: nn.Module, x: torch.Tensor) -> bool:
