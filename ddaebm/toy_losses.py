@@ -105,7 +105,7 @@ class _EnergyObjective(torch.autograd.Function):
             dd1 = de0 * c["s0"][:nr]
             de1 = dd1 @ c["fl"]["wc"][:, :BRANCH].t()
             dd2 = de1 * c["s1"][:nr]
-            de2 = dd2 @ sp.w2.t()
+            de2 = tf.product(dd2, sp.w2)
             q_w2[:nr] += dd2
             q_first[:nr, :BRANCH] += dd1
             q_a[:nr] += rho

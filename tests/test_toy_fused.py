@@ -256,3 +256,26 @@ def test_trainer_takes_the_fast_path_for_the_toy_arch():
     loss, _ = generator_loss(t.energy, t.gen_enc, t.schedule, b, t.cfg.loss, t.terms)
     assert type(loss.grad_fn).__name__ == "_GeneratorObjectiveBackward"
     t.train_step()
+
+
+def test_hidden_products(monkeypatch):
+    x, w, b = torch.randn(50, 300), torch.randn(300, 300), torch.randn(300)
+    exact = x.double() @ w.double().t() + b.double()
+    out = toy_fused.product(x, w, b)
+    # IEEE float32 (errors ~1e-5 at this size), not a reduced-precision mode (bf16 would be off by ~0.1)
+    assert out.dtype == torch.float32 and (out.double() - exact).abs().max() < 1e-3
+    exact_t = x.double() @ w.double()  # a transposed view, as the backward passes it
+    assert (toy_fused.product(x, w.t()).double() - exact_t).abs().max() < 1e-3
+    if torch.backends.mkldnn.is_available():
+        assert toy_fused._linear_onednn is not None
+    calls = []
+
+    def recorded(x, w, bias, *_):
+        calls.append(tuple(w.shape))
+        return torch.nn.functional.linear(x, w, bias)
+
+    monkeypatch.setattr(toy_fused, "_linear_onednn", recorded)
+    toy_fused.product(x, w)
+    toy_fused.product(x, w[:16])  # 16 outputs: ATen
+    assert torch.equal(toy_fused.product(x.double(), w.double()), x.double() @ w.double().t())  # float64: ATen
+    assert calls == [(300, 300)]
