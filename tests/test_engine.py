@@ -111,3 +111,42 @@ def test_shared_step_counter_survives_a_reload_and_a_missing_gradient():
     for k in state:
         for name in state[k]:
             assert torch.equal(state[k][name], ref_state[k][name]), (k, name)
+
+
+def test_flat_parameters_and_the_ema_average():
+    import copy
+
+    from ddaebm.training.ema import EMA, contiguous_whole
+    from ddaebm.training.engine import flatten_parameters
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 2))
+    values = [p.detach().clone() for p in net.parameters()]
+    flat = flatten_parameters(net)
+    assert flat.numel() == sum(v.numel() for v in values)
+    for p, v in zip(net.parameters(), values):
+        assert torch.equal(p, v) and p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    assert torch.equal(contiguous_whole(list(net.parameters())), flat)
+    assert contiguous_whole(list(net.parameters())[1:]) is None  # not the whole buffer
+    assert flatten_parameters(torch.nn.Linear(2, 2).to(torch.float64).requires_grad_()) is not None
+    mixed = torch.nn.Linear(2, 2)
+    mixed.bias.data = mixed.bias.data.double()
+    assert flatten_parameters(mixed) is None
+
+    # The one-lerp average equals the per-tensor one, and steps aside once a parameter moves elsewhere.
+    plain = copy.deepcopy(net)
+    fast, slow = EMA({"n": net}, 0.9), EMA({"n": plain}, 0.9)
+    for p in plain.parameters():  # a deep copy clones each parameter: not one buffer
+        p.data = p.data.clone()
+    for step in range(3):
+        with torch.no_grad():
+            for a, b in zip(net.parameters(), plain.parameters()):
+                a.add_(step + 1.0)
+                b.add_(step + 1.0)
+        if step == 2:
+            net[0].weight.data = net[0].weight.data.clone()  # no longer a view of the buffer
+        fast.update({"n": net})
+        slow.update({"n": plain})
+    assert fast._bound["n"][5] is not None and slow._bound["n"][5] is None
+    for a, b in zip(fast.shadow["n"].parameters(), slow.shadow["n"].parameters()):
+        assert torch.equal(a, b)

@@ -328,7 +328,7 @@ def first_layer(sp: SimpleNamespace) -> dict:
     a1 = F.prelu(t1, sp.t_a)
     emb = F.linear(a1, sp.t_w2, sp.t_b2)
     c = torch.block_diag(sp.post_w, emb.t())
-    c[:FEATURES, BRANCH:] += sp.post_b[:, None]
+    c[:FEATURES, BRANCH:].add_(sp.post_b[:, None])  # (not +=: that reads, adds and writes the slice back)
     return dict(c=c, wc=sp.first_w @ c, t1=t1, a1=a1, emb=emb)
 
 

@@ -120,11 +120,31 @@ def adam(params: list, lr: float, cfg: OptimConfig) -> torch.optim.Adam:
                             fused=cfg.fused or None)
 
 
+def flatten_parameters(module: nn.Module) -> torch.Tensor | None:
+    """Lay the module's parameters out back to back in one buffer (each becomes a view of it, values kept) and
+    return the buffer; None (nothing changed) unless they share one dtype and device.
+
+    Whatever updates parameters in place (Adam, load_state_dict) is unaffected; what walks all of them as one
+    tensor gains: the EMA's average becomes one lerp instead of a per-tensor loop (ddaebm/training/ema.py).
+    """
+    params = list(module.parameters())
+    if not params or len({(p.dtype, p.device) for p in params}) != 1:
+        return None
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
 class TorchEngine:
-    """A module and its Adam(β1, β2) without weight decay (SPEC §5), in one process."""
+    """A module and its Adam(β1, β2) without weight decay (SPEC §5), in one process; the module's parameters
+    laid out in one buffer (flatten_parameters)."""
 
     def __init__(self, module: nn.Module, lr: float, cfg: OptimConfig, grad_clip: float = 0.0):
         self.module, self.grad_clip = module, grad_clip
+        flatten_parameters(module)
         params = [p for p in module.parameters() if p.requires_grad]
         self.params = params
         self.optimizer = adam(params, lr, cfg)

@@ -159,6 +159,9 @@ class Trainer:
             engine.zero_grad()
             # A NaN/Inf loss on any rank skips this update on all of them (the engines must stay in step).
             flags = engine.backward_agreed(loss, flags)
+            # The graph goes now, not when the next phase's loss replaces it: a fused objective's saved
+            # activations (~5 MB for the toy energy step) would otherwise stay through the next phase's forward.
+            del loss
             if last:
                 self.stop_agreed = flags[1]
             if flags[0]:
