@@ -103,6 +103,7 @@ class Trainer:
         self.nonfinite_total = 0  # iterations with a skipped (NaN/Inf loss) phase, over the whole run
         self.nonfinite_streak = 0  # consecutive such iterations up to now
         self.stop_agreed = False  # whether the last train_step's stop request held on some rank
+        self._precise_bn = None  # (source, its tensors' versions, result) of the last sampling_generator call
 
     def _placed(self, module: torch.nn.Module) -> torch.nn.Module:
         module = module.to(self.device)
@@ -236,7 +237,14 @@ class Trainer:
         generator = self.sampling_networks(use_ema)[0].generator
         if self.cfg.sample.precise_bn_batches == 0 or self.cfg.model.sample_bn_mode == "train":
             return generator
-        return precise_bn(generator, self._generator_inputs(self.cfg.sample.precise_bn_batches))
+        # Kept while the source's tensors are unchanged (their version counters: in-place updates, EMA's
+        # included, and loads move them), so an evaluation's several sampling calls recompute it once.
+        versions = tuple(t._version for t in generator.state_dict(keep_vars=True).values())
+        cached = self._precise_bn
+        if cached is None or cached[0] is not generator or cached[1] != versions:
+            batches = self._generator_inputs(self.cfg.sample.precise_bn_batches)
+            cached = self._precise_bn = (generator, versions, precise_bn(generator, batches))
+        return cached[2]
 
     def _generator_inputs(self, num_batches: int):
         """(x_{k+1}, k, z) batches as training draws them (k by loss.step_probs), from a fresh data stream and a
