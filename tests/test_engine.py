@@ -132,6 +132,8 @@ def test_flat_parameters_and_the_ema_average():
     mixed = torch.nn.Linear(2, 2)
     mixed.bias.data = mixed.bias.data.double()
     assert flatten_parameters(mixed) is None
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)  # model.channels_last: left as it is
+    assert flatten_parameters(conv) is None and conv.weight.is_contiguous(memory_format=torch.channels_last)
 
     # The one-lerp average equals the per-tensor one, and steps aside once a parameter moves elsewhere.
     plain = copy.deepcopy(net)

@@ -122,13 +122,14 @@ def adam(params: list, lr: float, cfg: OptimConfig) -> torch.optim.Adam:
 
 def flatten_parameters(module: nn.Module) -> torch.Tensor | None:
     """Lay the module's parameters out back to back in one buffer (each becomes a view of it, values kept) and
-    return the buffer; None (nothing changed) unless they share one dtype and device.
+    return the buffer; None (nothing changed) unless they share one dtype and device and are contiguous (a
+    channels_last weight keeps its memory format).
 
     Whatever updates parameters in place (Adam, load_state_dict) is unaffected; what walks all of them as one
     tensor gains: the EMA's average becomes one lerp instead of a per-tensor loop (ddaebm/training/ema.py).
     """
     params = list(module.parameters())
-    if not params or len({(p.dtype, p.device) for p in params}) != 1:
+    if not params or len({(p.dtype, p.device) for p in params}) != 1 or not all(p.is_contiguous() for p in params):
         return None
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     offset = 0
