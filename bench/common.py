@@ -9,6 +9,8 @@ import time
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from ddaebm.networks import toy_fused
+
 
 class FlopCount(TorchDispatchMode):
     """Counts FLOPs with torch.utils.flop_counter's formulas (matmuls, convolutions) at the dispatch level.
@@ -26,18 +28,10 @@ class FlopCount(TorchDispatchMode):
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
-        elif func._overloadpacket is _onednn_linear:  # x·wᵀ (+ bias), which torch's registry does not know
+        elif func is toy_fused._linear_onednn:  # product's x·wᵀ (+ bias), which torch's registry does not know
             x, w = args[0], args[1]
             self.total += 2 * x.numel() // x.shape[-1] * w.shape[0] * w.shape[1]
         return out
-
-
-try:  # oneDNN's linear (ddaebm/networks/toy_fused.py: product), where this build has it
-    import torch
-
-    _onednn_linear = torch.ops.mkldnn._linear_pointwise
-except (AttributeError, RuntimeError):
-    _onednn_linear = None
 
 
 def flops_of(fn) -> int:
