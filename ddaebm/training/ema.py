@@ -49,7 +49,7 @@ class EMA:
             params, shadow_params = list(module.parameters()), list(shadow.parameters())
             flats = (contiguous_whole(params), contiguous_whole(shadow_params))
             bound = self._bound[name] = (module, params, shadow_params, list(module.buffers()),
-                                         list(shadow.buffers()), flats if None not in flats else None,
+                                         list(shadow.buffers()), flats if all(f is not None for f in flats) else None,
                                          [p.data_ptr() for p in params])
         return bound
 
