@@ -135,7 +135,12 @@ class LossConfig:
     """Weight of the noise-contrastive term that sets f(·, 0)'s levels across the whole space (ddaebm's addition,
     not in the paper; README "Density calibration"): real x₀ against N(0, nce_std²·I) noise. 0: off."""
     nce_std: float = 2.0
-    """Standard deviation of the NCE noise: it should cover the data and the range the density is read on."""
+    """Standard deviation of the NCE noise's main component: the data's spread (per coordinate)."""
+    nce_tail: float = 0.0
+    """Share of the NCE noise drawn from a wide component N(0, nce_tail_std²·I), which pins f(·, 0)'s level where
+    the main component never reaches (the far corners of a density grid). 0: one Gaussian."""
+    nce_tail_std: float = 4.0
+    """Standard deviation of the tail component: it should reach the range the density is read on."""
 
 
 @dataclass
@@ -327,6 +332,9 @@ def _check_choices(cfg: DictConfig) -> None:
     if cfg.loss.nce_weight < 0 or cfg.loss.nce_std <= 0:
         raise ConfigError(f"loss.nce_weight must be ≥ 0 and loss.nce_std > 0, got {cfg.loss.nce_weight} and "
                           f"{cfg.loss.nce_std}")
+    if not 0 <= cfg.loss.nce_tail < 1 or cfg.loss.nce_tail_std <= 0:
+        raise ConfigError(f"loss.nce_tail must be in [0, 1) and loss.nce_tail_std > 0, got {cfg.loss.nce_tail} and "
+                          f"{cfg.loss.nce_tail_std}")
     if cfg.dist.precision == "fp16" and cfg.dist.backend != "deepspeed":
         raise ConfigError("dist.precision=fp16 needs dist.backend=deepspeed (its dynamic loss scaling); "
                           "the torch backend offers fp32 and bf16")
