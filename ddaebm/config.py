@@ -138,7 +138,9 @@ class LossConfig:
     """Standard deviation of the NCE noise's main component: the data's spread (per coordinate)."""
     nce_tail: float = 0.0
     """Share of the NCE noise drawn from a wide component N(0, nce_tail_std²·I), which pins f(·, 0)'s level where
-    the main component never reaches (the far corners of a density grid). 0: one Gaussian."""
+    the main component never reaches (the far corners of a density grid). 0: one Gaussian. On 25gaussians 0.15
+    cleared a corner bump but cost samples and density elsewhere (README "Density calibration"): off in the toy
+    configs."""
     nce_tail_std: float = 4.0
     """Standard deviation of the tail component: it should reach the range the density is read on."""
 
