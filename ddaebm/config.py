@@ -64,6 +64,10 @@ class ModelConfig:
     sample_bn_mode: str = "eval"
     """BatchNorm mode when sampling: 'eval' (running stats) or 'train' (official: batch stats of a
     one-k sampling batch, which differ from the mixed-k training batches)."""
+    energy_base_std: float = 0.0
+    """The toy energy's Gaussian base measure at k = 0: f(x, 0) = net(x, 0) + log N(x; 0, s²·I), so the density
+    decays where nothing trains the network (far from the data and the NCE noise). 0: none (the paper's energy);
+    set to loss.nce_std, the NCE term's h is the network's output. arch=toy only."""
     logvar_min: float = -10.0
     logvar_max: float = 2.0
     """Encoder log-variance clamp (SPEC §11 advice); the official code leaves it unconstrained."""
@@ -334,6 +338,9 @@ def _check_choices(cfg: DictConfig) -> None:
     if cfg.loss.nce_weight < 0 or cfg.loss.nce_std <= 0:
         raise ConfigError(f"loss.nce_weight must be ≥ 0 and loss.nce_std > 0, got {cfg.loss.nce_weight} and "
                           f"{cfg.loss.nce_std}")
+    if cfg.model.energy_base_std < 0 or (cfg.model.energy_base_std > 0 and cfg.model.arch != "toy"):
+        raise ConfigError(f"model.energy_base_std must be ≥ 0, and 0 unless model.arch=toy; got "
+                          f"{cfg.model.energy_base_std} with model.arch={cfg.model.arch}")
     if not 0 <= cfg.loss.nce_tail < 1 or cfg.loss.nce_tail_std <= 0:
         raise ConfigError(f"loss.nce_tail must be in [0, 1) and loss.nce_tail_std > 0, got {cfg.loss.nce_tail} and "
                           f"{cfg.loss.nce_tail_std}")

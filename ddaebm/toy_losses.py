@@ -57,7 +57,7 @@ class _EnergyObjective(torch.autograd.Function):
         r1 = f.new_zeros(())
         r1_on = torch.is_tensor(r1_coef) or r1_coef != 0  # r1_coef: a number, or one per real row
         if r1_on:
-            grad = c["e0"][:n_real] @ sp.a
+            grad = tf.input_gradient(sp, c, n_real)
             c["r"] = grad if score is None else grad + score
             sq = c["r"].pow(2).sum(1)
             r1 = (r1_coef * sq).mean() if torch.is_tensor(r1_coef) else r1_coef * sq.mean()
@@ -242,7 +242,7 @@ class _GeneratorObjective(torch.autograd.Function):
         m = g_loss / n
         # −E_F: ∇ of f and of log N(x_{k+1}; a x̃, σ²) at x̃
         tf.input_gradient_chain(e_sp, c["ec"])
-        d_fake = (c["ec"]["e0"] @ e_sp.a + transition_score(s, x_fake, c["x_k1"], k)) * -m
+        d_fake = (tf.input_gradient(e_sp, c["ec"]) + transition_score(s, x_fake, c["x_k1"], k)) * -m
         # L_rec through the generator's pass on z_E = μ + e^{logvar/2}·ε
         d_mean = (m * cfg.lambda_rec) * (c["w"] / c["var"])[:, None] * (c["mean"] - c["x_k"])
         d_gen_in, gen_grads = tf.mlp_backward(g_sp, c["gen"], s.post_c1[k][:, None] * d_mean, True)

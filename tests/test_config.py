@@ -72,7 +72,12 @@ def test_explicit_variances_are_checked(values, match):
                     ["diffusion.variance=explicit", f"diffusion.variances={values}"])
 
 
-@pytest.mark.parametrize("override", ["loss.nce_weight=-1", "loss.nce_std=0"])
-def test_nce_settings_are_checked(override):
-    with pytest.raises(ConfigError, match="loss.nce_weight must be ≥ 0 and loss.nce_std > 0"):
-        load_config(CONFIGS / "toy" / "25gaussians.yaml", [override])
+@pytest.mark.parametrize("override, match", [
+    (["loss.nce_weight=-1"], "loss.nce_weight must be ≥ 0 and loss.nce_std > 0"),
+    (["loss.nce_std=0"], "loss.nce_weight must be ≥ 0 and loss.nce_std > 0"),
+    (["loss.nce_tail=1"], "loss.nce_tail must be in \\[0, 1\\)"), (["loss.nce_tail_std=0"], "loss.nce_tail_std > 0"),
+    (["model.energy_base_std=-1"], "model.energy_base_std must be ≥ 0"),
+    (["model.arch=mnist_nice", "model.energy_base_std=1"], "0 unless model.arch=toy")])
+def test_nce_and_base_settings_are_checked(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(CONFIGS / "toy" / "25gaussians.yaml", override)

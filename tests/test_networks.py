@@ -63,3 +63,17 @@ def test_prelu_matches_torch_and_has_second_derivatives():
     ours, ref = PReLU(), torch.nn.PReLU()
     xf = torch.randn(100, 7)
     torch.testing.assert_close(ours(xf), ref(xf), rtol=0, atol=0)
+
+
+def test_energy_base_measure_adds_a_gaussian_at_step_zero_only():
+    """model.energy_base_std = s: f(x, 0) gains log N(x; 0, s²I) (up to its constant), f(x, k > 0) is unchanged,
+    and the base has no parameters."""
+    torch.manual_seed(0)
+    plain = build_energy(ModelConfig())
+    torch.manual_seed(0)
+    based = build_energy(ModelConfig(energy_base_std=0.5))
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in based.named_parameters()]
+    x = torch.tensor([[0.0, 0.0], [1.0, -2.0], [3.0, 4.0], [3.0, 4.0]])
+    k = torch.tensor([0, 0, 0, 2])
+    diff = based(x, k) - plain(x, k)
+    torch.testing.assert_close(diff, torch.tensor([0.0, -5.0 / 0.5, -25.0 / 0.5, 0.0]))

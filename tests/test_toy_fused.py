@@ -195,6 +195,37 @@ def test_energy_value_input_gradient():
     torch.testing.assert_close(g_fast, g_slow, **TOL)
 
 
+@pytest.mark.parametrize("k", [0, None])
+def test_base_measure_matches_autograd(k):
+    """model.energy_base_std: f(x, 0) = net(x, 0) + log N(x; 0, s²I) in the fast path's values, R1 (its score
+    joins ∇_x f), the generator's ∇_x f at x̃ and energy_value's gradient, as autograd through ToyEnergy.forward
+    has them; the parameter gradients stay the network's. A changed base_std renews the cached spec."""
+    energy, gen_enc = _nets()
+    energy.base_std = 0.8
+    b = _batch(gen_enc, k=k)
+    cfg = LossConfig(r1_gamma=0.3, nce_weight=1.0, nce_std=0.8)
+    fast, slow = (_energy_step(energy, gen_enc, b, cfg, fused=f) for f in (True, False))
+    torch.testing.assert_close(fast[0], slow[0], **TOL)
+    for key in fast[1]:
+        torch.testing.assert_close(fast[1][key], slow[1][key], **TOL)
+    _close(fast[3], (fast[2], slow[2]))
+    terms, g_cfg = ABLATIONS["full"], LossConfig(lambda_ent=0.1, recon_var_floor=0.01)
+    gen = []
+    for fused in (True, False):
+        torch.manual_seed(5)
+        gen.append(_generator_step(energy, gen_enc, terms, g_cfg, fused, k))
+    torch.testing.assert_close(gen[0][0], gen[1][0], **TOL)
+    _close(gen[0][4], (gen[0][2], gen[1][2]))
+    frozen = copy.deepcopy(energy).requires_grad_(False)
+    x, ks = torch.randn(64, 2, requires_grad=True), torch.randint(0, 4, (64,))
+    assert toy_fused.energy_supported(frozen, x)
+    (g_fast,) = torch.autograd.grad(toy_fused.energy_value(frozen, x, ks).sum(), x)
+    (g_slow,) = torch.autograd.grad(frozen(x, ks).sum(), x)
+    torch.testing.assert_close(g_fast, g_slow, **TOL)
+    frozen.base_std = 0.0
+    assert toy_fused.energy_supported(frozen, x) and toy_fused.spec(frozen).base_std == 0.0
+
+
 def test_fast_path_steps_aside():
     energy, gen_enc = _nets()
     x = torch.zeros(8, 2)

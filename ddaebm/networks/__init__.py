@@ -33,7 +33,7 @@ def build_energy(cfg: ModelConfig, num_steps: int = 4) -> nn.Module:
     if cfg.arch == "toy":
         from ddaebm.networks.toy import ToyEnergy
 
-        return ToyEnergy(cfg.data_dim, cfg.hidden, cfg.t_emb_dim, num_steps)
+        return ToyEnergy(cfg.data_dim, cfg.hidden, cfg.t_emb_dim, num_steps, cfg.energy_base_std)
     if cfg.arch == "ncsnpp":
         from ddaebm.networks.ncsnpp import NCSNppEnergy
 

@@ -65,16 +65,35 @@ class BranchedInput(nn.Module):
         return self.first(torch.cat([self.post(self.pre(x)), self.step(k)], dim=1))
 
 
-class ToyEnergy(nn.Module):
-    """f_θ(x, k): x-branch 2 → 16 → PReLU → 32, step branch, then 64 → 300 → 300 → 1; no normalisation."""
+def base_log_density(x: torch.Tensor, k: torch.Tensor, std: float) -> torch.Tensor:
+    """log N(x; 0, std²·I) up to its constant on the rows at k = 0, 0 on the others ([B])."""
+    return (k == 0).to(x.dtype) * x.flatten(1).pow(2).sum(1) / (-2 * std * std)
 
-    def __init__(self, data_dim: int = 2, hidden: int = 300, t_emb_dim: int = 16, num_steps: int = 4):
+
+def base_score(x: torch.Tensor, k: torch.Tensor, std: float) -> torch.Tensor:
+    """∇_x base_log_density: −x/std² on the rows at k = 0, 0 on the others."""
+    return x * ((k == 0).to(x.dtype) / (-std * std)).view(-1, *(1,) * (x.dim() - 1))
+
+
+class ToyEnergy(nn.Module):
+    """f_θ(x, k): x-branch 2 → 16 → PReLU → 32, step branch, then 64 → 300 → 300 → 1; no normalisation.
+
+    base_std > 0 (model.energy_base_std, ddaebm's addition) adds a Gaussian base measure at k = 0:
+    f(x, 0) = net(x, 0) + log N(x; 0, base_std²·I). A PReLU network is linear far from the data, where no loss
+    term reaches, so exp net(x, 0) can grow there; with the base the density decays like a Gaussian whatever the
+    network does (README "Density calibration"). It has no parameters: the losses' gradients are unchanged.
+    """
+
+    def __init__(self, data_dim: int = 2, hidden: int = 300, t_emb_dim: int = 16, num_steps: int = 4,
+                 base_std: float = 0.0):
         super().__init__()
         self.input = BranchedInput(data_dim, hidden, t_emb_dim, num_steps=num_steps)
         self.head = nn.Sequential(PReLU(), nn.Linear(hidden, hidden), PReLU(), nn.Linear(hidden, 1))
+        self.base_std = base_std
 
     def forward(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return self.head(self.input(x, k)).squeeze(1)
+        f = self.head(self.input(x, k)).squeeze(1)
+        return f + base_log_density(x, k, self.base_std) if self.base_std else f
 
 
 class _ConditionalMLP(nn.Module):

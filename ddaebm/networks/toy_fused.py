@@ -35,7 +35,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
 
 from ddaebm.networks.layers import PReLU
-from ddaebm.networks.toy import BRANCH, FEATURES, BranchedInput, StepEmbedding, ToyEnergy, _ConditionalMLP
+from ddaebm.networks.toy import (BRANCH, FEATURES, BranchedInput, StepEmbedding, ToyEnergy, _ConditionalMLP,
+                                 base_log_density, base_score)
 
 _threshold_backward = torch.ops.aten.threshold_backward
 _bn_backward = torch.ops.aten.native_batch_norm_backward
@@ -114,6 +115,7 @@ def energy_spec(energy: ToyEnergy) -> SimpleNamespace:
     sp = _branch_spec(energy.input)
     sp.a1, sp.w2, sp.b2, sp.a2, sp.w3, sp.b3 = (head[0].weight, head[1].weight, head[1].bias, head[2].weight,
                                                 head[3].weight, head[3].bias)
+    sp.base_std = energy.base_std
     return sp
 
 
@@ -128,11 +130,13 @@ def mlp_spec(mlp: _ConditionalMLP) -> SimpleNamespace:
 
 
 def _snapshot(modules: tuple) -> tuple[list, tuple]:
-    """What a layout check and a spec depend on: every module's children, parameters and buffers, and BatchNorm
-    settings. Returns (those objects, a key of their identities): tensors have no scalar ==, and a replaced one
-    must count as a change even when equal. Whoever keeps a key keeps its objects too, so no id is reused."""
+    """What a layout check and a spec depend on: every module's children, parameters and buffers, BatchNorm's
+    momentum and the energy's base_std. Returns (those objects, a key of their identities and those settings):
+    tensors have no scalar ==, and a replaced one must count as a change even when equal. Whoever keeps a key keeps
+    its objects too, so no id is reused."""
     objects = [v for m in modules for v in (*m._modules.values(), *m._parameters.values(), *m._buffers.values())]
-    return objects, (*map(id, objects), *(m.__dict__.get("momentum") for m in modules))
+    return objects, (*map(id, objects), *(m.__dict__.get("momentum") for m in modules),
+                     *(m.__dict__.get("base_std") for m in modules))
 
 
 def _hooked(modules: tuple) -> bool:
@@ -419,7 +423,9 @@ def energy_forward(sp: SimpleNamespace, x: torch.Tensor, k: torch.Tensor) -> tup
     s2 = slope(h1, sp.a2)
     v2 = F.prelu(h1, sp.a2)
     f = torch.addmv(sp.b3, v2, sp.w3[0])
-    return f, dict(x=x, fl=fl, u=u, s0=s0, x20=x20, h0=h0, s1=s1, v1=v1, h1=h1, s2=s2, v2=v2)
+    if sp.base_std:
+        f = f + base_log_density(x, k, sp.base_std)
+    return f, dict(x=x, k=k, fl=fl, u=u, s0=s0, x20=x20, h0=h0, s1=s1, v1=v1, h1=h1, s2=s2, v2=v2)
 
 
 def input_gradient_chain(sp: SimpleNamespace, c: dict) -> None:
@@ -430,6 +436,17 @@ def input_gradient_chain(sp: SimpleNamespace, c: dict) -> None:
     c["e1"] = e1 = d2 * c["s1"]
     c["d1"] = d1 = e1 @ c["fl"]["wc"][:, :BRANCH]
     c["e0"] = d1 * c["s0"]
+
+
+def input_gradient(sp: SimpleNamespace, c: dict, rows: int | None = None) -> torch.Tensor:
+    """∇_x f of the first `rows` rows (None: all) after input_gradient_chain: Aᵀe0, plus the base measure's
+    score where the energy has one (its parameter gradients are the chain's alone)."""
+    e0 = c["e0"] if rows is None else c["e0"][:rows]
+    grad = e0 @ sp.a
+    if sp.base_std:
+        x, k = (c["x"], c["k"]) if rows is None else (c["x"][:rows], c["k"][:rows])
+        grad = grad + base_score(x, k, sp.base_std)
+    return grad
 
 
 class _EnergyValue(torch.autograd.Function):
@@ -445,7 +462,10 @@ class _EnergyValue(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         input_gradient_chain(ctx.sp, ctx.cache)
-        return None, (ctx.cache["e0"] * g[:, None]) @ ctx.sp.a, None
+        grad = (ctx.cache["e0"] * g[:, None]) @ ctx.sp.a
+        if ctx.sp.base_std:
+            grad = grad + base_score(ctx.cache["x"], ctx.cache["k"], ctx.sp.base_std) * g[:, None]
+        return None, grad, None
 
 
 def energy_value(energy: ToyEnergy, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
