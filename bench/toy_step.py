@@ -6,10 +6,10 @@ Prints, for the project's trainer, for the same trainer with the toy fast path o
 the toy networks, R1 by double backward; ddaebm/networks/toy_fused.py) and for a straightforward baseline of the same
 math built in the same run (ATen's PReLU, the literal concatenated first layer, unfused Adam, R1 through autograd of
 the full conditional, toy data from Python loops as in the official code), the median time of one iteration after
-warm-up; these three run the reference's math (REFERENCE_MATH: ddaebm's NCE density term off, k uniform, one R1 γ
-for every step). When the config departs from it, the config as it trains is timed too ("as configured"). The
-physical limit is the FLOPs one iteration performs (torch.utils.flop_counter's formulas: matmuls only) divided by
-the measured single-core throughput of a 200×300×300 fp32 matmul.
+warm-up; these three run the reference's math (REFERENCE_MATH: ddaebm's NCE density term and energy base
+measure off, k uniform, one R1 γ for every step). When the config departs from it, the config as it trains is
+timed too ("as configured"). The physical limit is the FLOPs one iteration performs (torch.utils.flop_counter's
+formulas: matmuls only) divided by the measured single-core throughput of a 200×300×300 fp32 matmul.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ class BaselineStep:
         self.opt_g.step()
 
 
-REFERENCE_MATH = ["loss.nce_weight=0", "loss.step_probs=null", "loss.r1_gamma_scale=null"]
+REFERENCE_MATH = ["loss.nce_weight=0", "model.energy_base_std=0", "loss.step_probs=null",
+                  "loss.r1_gamma_scale=null"]
 
 
 def measure(which: str, config: str, iters: int, warmup: int) -> dict:
