@@ -139,14 +139,8 @@ class LossConfig:
     """Weight of the noise-contrastive term that sets f(·, 0)'s levels across the whole space (ddaebm's addition,
     not in the paper; README "Density calibration"): real x₀ against N(0, nce_std²·I) noise. 0: off."""
     nce_std: float = 2.0
-    """Standard deviation of the NCE noise's main component: the data's spread (per coordinate)."""
-    nce_tail: float = 0.0
-    """Share of the NCE noise drawn from a wide component N(0, nce_tail_std²·I), which pins f(·, 0)'s level where
-    the main component never reaches (the far corners of a density grid). 0: one Gaussian. On 25gaussians 0.15
-    cleared a corner bump but cost samples and density elsewhere (README "Density calibration"): off in the toy
-    configs."""
-    nce_tail_std: float = 4.0
-    """Standard deviation of the tail component: it should reach the range the density is read on."""
+    """Standard deviation of the NCE noise: the data's spread (per coordinate). Where the noise never reaches, only
+    the energy's base measure (model.energy_base_std) keeps the density down."""
 
 
 @dataclass
@@ -341,9 +335,6 @@ def _check_choices(cfg: DictConfig) -> None:
     if cfg.model.energy_base_std < 0 or (cfg.model.energy_base_std > 0 and cfg.model.arch != "toy"):
         raise ConfigError(f"model.energy_base_std must be ≥ 0, and 0 unless model.arch=toy; got "
                           f"{cfg.model.energy_base_std} with model.arch={cfg.model.arch}")
-    if not 0 <= cfg.loss.nce_tail < 1 or cfg.loss.nce_tail_std <= 0:
-        raise ConfigError(f"loss.nce_tail must be in [0, 1) and loss.nce_tail_std > 0, got {cfg.loss.nce_tail} and "
-                          f"{cfg.loss.nce_tail_std}")
     if cfg.dist.precision == "fp16" and cfg.dist.backend != "deepspeed":
         raise ConfigError("dist.precision=fp16 needs dist.backend=deepspeed (its dynamic loss scaling); "
                           "the torch backend offers fp32 and bf16")

@@ -53,68 +53,28 @@ class StepBatch:
     x0_fake: torch.Tensor  # G(x_{k+1}, k, z), graph to φ kept
     x_fake: torch.Tensor  # x̃_k = posterior sample around x0_fake, graph to φ kept
     enc_noise: torch.Tensor  # ε of the encoder's reparameterised z_E
-    nce_noise: torch.Tensor | None = None  # per row, drawn from NCENoise: the NCE contrast of the rows at k = 0
-
-
-@dataclass(frozen=True)
-class NCENoise:
-    """The NCE term's contrast q = (1 − tail)·N(0, std²·I) + tail·N(0, tail_std²·I) (loss.nce_std, nce_tail,
-    nce_tail_std).
-
-    The main component matches the data's spread, where the density is resolved. The tail reaches where the
-    main one almost never does (radius 4-6 for std 1, the corners of a [−4, 4]² density grid): there a PReLU
-    energy rises or falls linearly and only the NCE term pins its level, so without the tail the normalised
-    density can put mass there (README "Density calibration").
-    """
-
-    std: float
-    tail: float = 0.0
-    tail_std: float = 4.0
-
-    @classmethod
-    def of(cls, cfg: LossConfig) -> NCENoise | None:
-        """The config's NCE noise, or None when the term is off."""
-        return cls(cfg.nce_std, cfg.nce_tail, cfg.nce_tail_std) if cfg.nce_weight > 0 else None
-
-    def draw(self, rows: int, shape: tuple[int, ...], rng: torch.Generator, device) -> torch.Tensor:
-        """`rows` points of q. Without a tail the draw is std·ε, as before the tail existed (same stream)."""
-        eps = torch.randn((rows, *shape), generator=rng, device=device)
-        if not self.tail:
-            return self.std * eps
-        wide = torch.rand(rows, generator=rng, device=device) < self.tail
-        scale = torch.where(wide, self.tail_std, self.std).to(eps.dtype)
-        return eps * scale.view(-1, *(1,) * len(shape))
-
-    def log_density(self, x: torch.Tensor) -> torch.Tensor:
-        """log q(x) up to a constant (the main component's normaliser, d·log(std) + d/2·log 2π), per row [B]."""
-        sq = x.flatten(1).pow(2).sum(1)
-        main = sq / (-2 * self.std * self.std)
-        if not self.tail:
-            return main
-        d = math.prod(x.shape[1:])  # each component's normaliser ∝ std^−d (x may have no rows)
-        wide = sq / (-2 * self.tail_std * self.tail_std) + math.log(self.tail) - d * math.log(self.tail_std / self.std)
-        return torch.logaddexp(main + math.log1p(-self.tail), wide)
+    nce_noise: torch.Tensor | None = None  # per row, N(0, nce_std²·I): the NCE contrast of the rows at k = 0
 
 
 def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: Terms, nz: int,
-                    rng: torch.Generator, rank: int = 0, world: int = 1, nce: NCENoise | None = None,
+                    rng: torch.Generator, rank: int = 0, world: int = 1, nce_std: float | None = None,
                     step_probs: list[float] | None = None) -> StepBatch:
     """Draw k, the real pair and the generator's fake x̃_k for one iteration (SPEC §1.5, §3, §5).
 
     x0 is this rank's slice of a global batch of world·len(x0) rows. Every rank draws k and the noises for the
     whole global batch (the same generator state everywhere) and keeps its rows, so a run is the same at any
-    world size and resumes exactly on another one. `nce`: also draw the NCE noise (NCENoise.of(loss config)).
+    world size and resumes exactly on another one. `nce_std`: also draw the NCE noise (loss.nce_weight > 0).
     `step_probs`: how often each k is drawn (loss.step_probs); None: uniform.
     """
     k, x_k, x_k1, z, posterior_noise = draw_generator_inputs(x0, s, terms.latent, nz, rng, rank, world, step_probs)
     n, dev = x0.shape[0], rng.device
     total, rows = n * world, slice(rank * n, (rank + 1) * n)
     enc_noise = torch.randn((total, nz), generator=rng, device=dev)[rows]
-    nce_noise = None if nce is None else nce.draw(total, tuple(x0.shape[1:]), rng, dev)[rows]
+    nce = None if nce_std is None else nce_std * torch.randn((total, *x0.shape[1:]), generator=rng, device=dev)[rows]
     x0_fake = generator(x_k1, k, z)
     x_fake = posterior_sample(s, x0_fake, x_k1, k, posterior_noise)
     return StepBatch(k=k, x_k=x_k.requires_grad_(True), x_k1=x_k1, z=z, x0_fake=x0_fake, x_fake=x_fake,
-                     enc_noise=enc_noise, nce_noise=nce_noise)
+                     enc_noise=enc_noise, nce_noise=nce)
 
 
 def draw_generator_inputs(x0: torch.Tensor, s: Schedule, latent: bool, nz: int, rng: torch.Generator, rank: int = 0,
@@ -175,21 +135,21 @@ def r1_penalty(energy: nn.Module, s: Schedule, b: StepBatch, f_real: torch.Tenso
 def nce_rows(b: StepBatch) -> torch.Tensor:
     """Indices of the rows at k = 0: their real x_k and their noise row are the NCE term's data and noise."""
     if b.nce_noise is None:
-        raise ValueError("loss.nce_weight > 0 needs the NCE noise: draw_step_batch(..., nce=NCENoise.of(loss))")
+        raise ValueError("loss.nce_weight > 0 needs the NCE noise: draw_step_batch(..., nce_std=loss.nce_std)")
     return (b.k == 0).nonzero().squeeze(1)
 
 
-def nce_log_ratio(f: torch.Tensor, x: torch.Tensor, noise: NCENoise) -> torch.Tensor:
-    """h = f(x, 0) − log q(x) up to the noise's constant, which f's level at k = 0 absorbs ([B])."""
-    return f - noise.log_density(x)
+def nce_log_ratio(f: torch.Tensor, x: torch.Tensor, std: float) -> torch.Tensor:
+    """h = f(x, 0) − log N(x; 0, std²·I) up to the noise's constant, which f's level at k = 0 absorbs ([B])."""
+    return f + x.flatten(1).pow(2).sum(1) / (2 * std * std)
 
 
 def nce_value(h_data: torch.Tensor, h_noise: torch.Tensor, rows: int, num_steps: int) -> torch.Tensor:
     """The NCE loss Σ softplus(−h(x₀)) + Σ softplus(h(ε)) over the rows at k = 0, divided by their expected
     number rows/T rather than the number drawn, so that every rank's term adds up to the global batch's.
 
-    Its minimum over f is h = log p_data − log q: f(·, 0) = log p_data + const over the whole space the noise
-    covers. The conditional EBM loss at k = 0 compares only points within σ_1 of each other (SPEC §1.5), so
+    Its minimum over f is h = log p_data − log N(0, std²I): f(·, 0) = log p_data + const over the whole space the
+    noise covers. The conditional EBM loss at k = 0 compares only points within σ_1 of each other (SPEC §1.5), so
     the relative levels of distant modes, and the floor between them, are otherwise left free.
     """
     return (F.softplus(-h_data).sum() + F.softplus(h_noise).sum()) * (num_steps / rows)
@@ -220,9 +180,8 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
     if cfg.nce_weight > 0:
         idx = nce_rows(b)
         x_d, x_n = b.x_k.detach()[idx], b.nce_noise[idx]
-        noise = NCENoise.of(cfg)
-        nce = nce_value(nce_log_ratio(f_real[idx], x_d, noise),
-                        nce_log_ratio(energy(x_n, b.k[idx]), x_n, noise), len(b.k), s.num_steps)
+        nce = nce_value(nce_log_ratio(f_real[idx], x_d, cfg.nce_std),
+                        nce_log_ratio(energy(x_n, b.k[idx]), x_n, cfg.nce_std), len(b.k), s.num_steps)
         loss = loss + cfg.nce_weight * nce
         stats["nce"] = nce.detach()
     stats["loss_energy"] = loss.detach()

@@ -25,9 +25,9 @@ from torch.autograd.function import once_differentiable
 
 from ddaebm.config import LossConfig
 from ddaebm.diffusion.schedule import Schedule, importance_weight, log_transition, posterior_mean, transition_score
-from ddaebm.losses import (ABLATIONS, NCENoise, StepBatch, Terms, _gaussian_nll, kl_to_standard_normal,
-                           latent_nll, nce_log_ratio, nce_rows, nce_value, r1_enabled, r1_expected_constant,
-                           r1_gammas, recon_variance)
+from ddaebm.losses import (ABLATIONS, StepBatch, Terms, _gaussian_nll, kl_to_standard_normal, latent_nll,
+                           nce_log_ratio, nce_rows, nce_value, r1_enabled, r1_expected_constant, r1_gammas,
+                           recon_variance)
 from ddaebm.networks import toy_fused as tf
 from ddaebm.networks.toy import ToyEncoder, ToyGenerator
 
@@ -64,9 +64,9 @@ class _EnergyObjective(torch.autograd.Function):
             loss = r1.clone() if loss is None else loss + r1
         nce_loss, ctx.nce = f.new_zeros(()), None
         if nce is not None:  # ∂NCE/∂h = −σ(−h) at the data, σ(h) at the noise
-            weight, idx, noise_q, rows, steps = nce
+            weight, idx, std, rows, steps = nce
             noise = slice(n_real + n_fake, None)
-            h_d, h_n = nce_log_ratio(f[idx], x[idx], noise_q), nce_log_ratio(f[noise], x[noise], noise_q)
+            h_d, h_n = nce_log_ratio(f[idx], x[idx], std), nce_log_ratio(f[noise], x[noise], std)
             nce_loss = nce_value(h_d, h_n, rows, steps)
             loss = loss + weight * nce_loss
             scale = weight * steps / rows
@@ -143,7 +143,7 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
         idx = nce_rows(b)
         rows.append(b.nce_noise[idx])
         steps.append(b.k[idx])
-        nce = (cfg.nce_weight, idx, NCENoise.of(cfg), n, s.num_steps)
+        nce = (cfg.nce_weight, idx, cfg.nce_std, n, s.num_steps)
     loss, f, r1, nce_loss = energy_objective(energy, torch.cat(rows), torch.cat(steps), n, n, 1.0, cfg.fake_weight,
                                              0.5 * r1_gammas(cfg, b.k) * r1_scale if r1_on else 0.0, score, nce)
     stats = {"f_real": f[:n].mean(), "f_fake": f[n:2 * n].mean()}

@@ -10,7 +10,7 @@ import torch
 
 from ddaebm.config import load_config
 from ddaebm.distributed import DistEnv, _first_host, discover
-from ddaebm.losses import NCENoise, draw_step_batch
+from ddaebm.losses import draw_step_batch
 from ddaebm.training.checkpoint import CheckpointWarning, latest_checkpoint
 from ddaebm.training.loop import prepare_run, train
 from ddaebm.training.preemption import EXIT_PREEMPTED, NonFiniteStop
@@ -123,11 +123,10 @@ def test_global_batch_is_sliced_over_ranks():
     x = one.stream.next_batch()
     assert torch.equal(torch.cat([h.stream.next_batch() for h in halves]), x)
     probs = [0.1, 0.2, 0.5, 0.2]
-    nce = NCENoise(2.0, tail=0.3, tail_std=5.0)
-    ref = draw_step_batch(x, one.schedule, one.gen_enc.generator, one.terms, cfg.model.nz, one.rng, nce=nce,
+    ref = draw_step_batch(x, one.schedule, one.gen_enc.generator, one.terms, cfg.model.nz, one.rng, nce_std=2.0,
                           step_probs=probs)
     parts = [draw_step_batch(x[r * 16:(r + 1) * 16], h.schedule, h.gen_enc.generator, h.terms, cfg.model.nz,
-                             h.rng, r, 2, nce=nce, step_probs=probs) for r, h in enumerate(halves)]
+                             h.rng, r, 2, nce_std=2.0, step_probs=probs) for r, h in enumerate(halves)]
     for field in ("k", "x_k", "x_k1", "z", "x_fake", "enc_noise", "nce_noise"):
         assert torch.allclose(torch.cat([getattr(p, field) for p in parts]), getattr(ref, field), atol=1e-6), field
 

@@ -12,7 +12,7 @@ import torch
 
 from ddaebm.config import DiffusionConfig, LossConfig, ModelConfig
 from ddaebm.diffusion.schedule import build_schedule
-from ddaebm.losses import ABLATIONS, NCENoise, draw_step_batch, energy_loss, generator_loss, lazy_r1_loss, r1_gammas
+from ddaebm.losses import ABLATIONS, draw_step_batch, energy_loss, generator_loss, lazy_r1_loss, r1_gammas
 from ddaebm.networks import build_energy, build_generator_encoder, toy_fused
 from ddaebm.training.precision import autocast_bf16
 
@@ -34,7 +34,7 @@ def _nets(seed=0):
 def _batch(gen_enc, terms=ABLATIONS["full"], n=96, seed=1, k=None):
     x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
     b = draw_step_batch(x0, SCHEDULE, gen_enc.generator, terms, 2, torch.Generator().manual_seed(seed + 1),
-                        nce=NCENoise(1.5, 0.2, 4.0))
+                        nce_std=1.5)
     if k is not None:  # every row at one step
         b.k = torch.full_like(b.k, k)
     return b
@@ -67,7 +67,7 @@ def _energy_step(energy, gen_enc, b, cfg, fused, lazy=False):
                                  LossConfig(r1_gamma=0.3, r1_target="energy_only"), LossConfig(r1_gamma=0.0),
                                  LossConfig(r1_gamma=0.1, r1_gamma_scale=[3.0, 0.0, 0.2, 1.0]),
                                  LossConfig(r1_gamma=0.3, nce_weight=1.0, nce_std=1.5),
-                                 LossConfig(r1_gamma=0.0, nce_weight=0.5, nce_std=1.5, nce_tail=0.2, nce_tail_std=4.0)])
+                                 LossConfig(r1_gamma=0.0, nce_weight=0.5, nce_std=1.5)])
 def test_energy_loss_and_gradients_match_autograd(k, cfg):
     energy, gen_enc = _nets()
     assert toy_fused.energy_supported(energy, torch.zeros(1, 2))

@@ -17,8 +17,8 @@ from ddaebm import distributed
 from ddaebm.config import Config, to_dict
 from ddaebm.data.stream import build_stream, data_shape
 from ddaebm.diffusion.schedule import build_schedule
-from ddaebm.losses import (ABLATIONS, NCENoise, StepBatch, draw_generator_inputs, draw_step_batch, energy_loss,
-                           generator_loss, lazy_r1_loss, r1_enabled)
+from ddaebm.losses import (ABLATIONS, StepBatch, draw_generator_inputs, draw_step_batch, energy_loss, generator_loss,
+                           lazy_r1_loss, r1_enabled)
 from ddaebm.networks import build_energy, build_generator_encoder
 from ddaebm.sampling import precise_bn
 from ddaebm.training.precision import autocast_bf16
@@ -183,8 +183,9 @@ class Trainer:
         x0 = self.stream.next_batch().to(self.device, non_blocking=True)
         if self.cfg.model.channels_last and x0.dim() == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
+        nce_std = self.cfg.loss.nce_std if self.cfg.loss.nce_weight > 0 else None
         return draw_step_batch(x0, self.schedule, self.gen_enc.generator, self.terms,
-                               self.cfg.model.nz, self.rng, self.rank, self.world, NCENoise.of(self.cfg.loss),
+                               self.cfg.model.nz, self.rng, self.rank, self.world, nce_std,
                                self.cfg.loss.step_probs)
 
     # ---- what a checkpoint carries: everything a bit-exact continuation needs
