@@ -104,14 +104,17 @@ def test_sweep_asha_crash_restore_best_yaml(tmp_path):
 
 def test_interrupted_sweep_resumes_with_tuner_restore(tmp_path):
     """SIGINT mid-sweep: Tune saves its state (exit 130); the same command again resumes it (Tuner.restore)."""
-    args = _sweep_args(tmp_path, "int", "--steps", "200", "--report-every", "50",
+    args = _sweep_args(tmp_path, "int", "--steps", "300", "--report-every", "50",
                        "--param", "loss.r1_gamma=grid:0.002,0.02")
     p = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        exp = tmp_path / "int"  # Tune's copy of a trial's second report (step 100)
-        wait_until(lambda: p.poll() is not None or list(exp.glob("run_trial_*/checkpoint_000001")), 300,
-                   "a trial's step-100 checkpoint", poll=0.2)
+        # A checkpoint's folder appears when the trial persists it, before Tune's driver registers it: a SIGINT
+        # right then restored the trial from the one before (once in CI). Wait for the third report's (step 150):
+        # the step-100 one is registered by then, and the trial is still three reports from its end.
+        exp = tmp_path / "int"
+        wait_until(lambda: p.poll() is not None or list(exp.glob("run_trial_*/checkpoint_000002")), 300,
+                   "a trial's step-150 checkpoint", poll=0.2)
         assert p.poll() is None, "the sweep ended before it could be interrupted"
         p.send_signal(signal.SIGINT)
         out, _ = p.communicate(timeout=120)
@@ -127,8 +130,8 @@ def test_interrupted_sweep_resumes_with_tuner_restore(tmp_path):
     s = _summary(tmp_path, "int")
     assert s["resumed"] and len(s["trials"]) == 2 and all(t["error"] is None for t in s["trials"]), s
     first = next(t for t in s["trials"] if t["config"]["loss.r1_gamma"] == 0.002)
-    assert first["resumed_from"] >= 100 and first["step"] == 200, s  # continued from its checkpoint
-    assert _steps(tmp_path / "int" / "runs" / first["trial_id"]) == [50, 100, 150, 200]
+    assert first["resumed_from"] >= 100 and first["step"] == 300, s  # continued from its checkpoint
+    assert _steps(tmp_path / "int" / "runs" / first["trial_id"]) == [50, 100, 150, 200, 250, 300]
 
 
 def test_sweep_trials_on_deepspeed_workers(tmp_path):
