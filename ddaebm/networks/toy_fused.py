@@ -450,7 +450,7 @@ def input_gradient(sp: SimpleNamespace, c: dict, rows: int | None = None) -> tor
 
 
 class _EnergyValue(torch.autograd.Function):
-    """f(x, k) of a frozen energy, with its backward to x: ∇_x f = Aᵀ e0 of the input-gradient chain."""
+    """f(x, k) of a frozen energy, with its backward to x: ∇_x f of the input-gradient chain (input_gradient)."""
 
     @staticmethod
     def forward(ctx, sp, x, k):
@@ -462,10 +462,7 @@ class _EnergyValue(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         input_gradient_chain(ctx.sp, ctx.cache)
-        grad = (ctx.cache["e0"] * g[:, None]) @ ctx.sp.a
-        if ctx.sp.base_std:
-            grad = grad + base_score(ctx.cache["x"], ctx.cache["k"], ctx.sp.base_std) * g[:, None]
-        return None, grad, None
+        return None, input_gradient(ctx.sp, ctx.cache) * g[:, None], None
 
 
 def energy_value(energy: ToyEnergy, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
