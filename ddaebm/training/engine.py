@@ -59,26 +59,54 @@ def fused_adam_step(opt: torch.optim.Optimizer) -> bool:
     if (not group.get("fused") or group["amsgrad"] or group["capturable"] or group["differentiable"]
             or group.get("decoupled_weight_decay", False) or torch.is_tensor(group["lr"])):
         return False
-    params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        state = opt.state.get(p)
-        if not state or p.grad.is_sparse or p.device != group["params"][0].device or p.dtype != p.grad.dtype:
+    grads = [p.grad for p in group["params"]]
+    plan = opt.__dict__.get("_ddaebm_plan")
+    if plan is None or not plan.serves(opt, group, grads):
+        plan = _AdamPlan.build(opt, group, grads)
+        if plan is None:
             return False
-        params.append(p)
-        grads.append(p.grad)
-        exp_avgs.append(state["exp_avg"])
-        exp_avg_sqs.append(state["exp_avg_sq"])
-        steps.append(state["step"])
-    if not params or len({p.dtype for p in params}) != 1:
-        return False
+        opt._ddaebm_plan = plan
     beta1, beta2 = group["betas"]
-    _step_buffer(opt, params, steps).add_(1)
-    torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
-                       beta1=float(beta1), beta2=float(beta2), weight_decay=group["weight_decay"],
-                       eps=group["eps"], maximize=group["maximize"], grad_scale=None, found_inf=None)
+    plan.steps_buffer.add_(1)
+    torch._fused_adam_(plan.params, [g for g in grads if g is not None], plan.exp_avgs, plan.exp_avg_sqs, [],
+                       plan.steps, amsgrad=False, lr=group["lr"], beta1=float(beta1), beta2=float(beta2),
+                       weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                       grad_scale=None, found_inf=None)
     return True
+
+
+class _AdamPlan:
+    """The per-parameter lists fused_adam_step hands the kernels, built once for a given optimizer state and set
+    of parameters with gradients (walking ~80 parameters' state each step was ~0.1 ms per toy iteration)."""
+
+    @classmethod
+    def build(cls, opt: torch.optim.Optimizer, group: dict, grads: list) -> "_AdamPlan | None":
+        """None where Optimizer.step must run: its first step (state to create), a sparse gradient, mixed
+        devices or dtypes."""
+        plan = cls()
+        plan.state, plan.group_params, plan.mask = opt.state, group["params"], [g is not None for g in grads]
+        plan.params, plan.exp_avgs, plan.exp_avg_sqs, steps = [], [], [], []
+        device = group["params"][0].device
+        for p, grad in zip(group["params"], grads):
+            if grad is None:
+                continue
+            state = opt.state.get(p)
+            if not state or grad.is_sparse or p.device != device or p.dtype != grad.dtype:
+                return None
+            plan.params.append(p)
+            plan.exp_avgs.append(state["exp_avg"])
+            plan.exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not plan.params or len({p.dtype for p in plan.params}) != 1:
+            return None
+        plan.steps_buffer = _step_buffer(opt, plan.params, steps)
+        plan.steps = steps
+        return plan
+
+    def serves(self, opt: torch.optim.Optimizer, group: dict, grads: list) -> bool:
+        """The same state (a loaded state_dict replaces it), parameters, and parameters with gradients."""
+        return (opt.state is self.state and group["params"] is self.group_params
+                and [g is not None for g in grads] == self.mask)
 
 
 def _step_buffer(opt: torch.optim.Optimizer, params: list, steps: list) -> torch.Tensor:
