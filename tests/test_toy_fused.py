@@ -249,6 +249,15 @@ def test_fast_path_steps_aside():
     assert toy_fused.energy_supported(renewed, x)
     renewed.head[1].weight = torch.nn.Parameter(renewed.head[1].weight.detach() * 2)
     assert toy_fused.energy_supported(renewed, x) and toy_fused.spec(renewed).w2 is renewed.head[1].weight
+    # after the spec was cached: a hook, then a parameter put straight into its module's dictionary
+    late = copy.deepcopy(energy)
+    assert toy_fused.energy_supported(late, x)
+    handle = late.head[1].register_forward_pre_hook(lambda *a: None)
+    assert not toy_fused.energy_supported(late, x)
+    handle.remove()
+    w2 = torch.nn.Parameter(late.head[1].weight.detach() * 2)
+    late.head[1]._parameters["weight"] = w2
+    assert toy_fused.energy_supported(late, x) and toy_fused.spec(late).w2 is w2
     with toy_fused.disabled():
         assert not toy_fused.energy_supported(energy, x)
         assert not toy_fused.mlp_supported(gen_enc.generator.net, torch.zeros(8, 4))
@@ -260,6 +269,25 @@ def test_fast_path_steps_aside():
     loss, stats = energy_loss(generic, SCHEDULE, b, LossConfig(r1_gamma=0.1))
     loss.backward()
     assert other[0].weight.grad is not None and "r1" in stats
+
+
+def test_functional_call_takes_the_parameters_it_is_given():
+    """torch.func.functional_call swaps tensors into the modules' dictionaries for one call: the fast path's
+    cached spec must follow (the outputs are the module's with those parameters), and come back afterwards."""
+    _, gen_enc = _nets()
+    mlp = gen_enc.generator.net.eval()
+    x, k = torch.randn(16, 4), torch.randint(0, 4, (16,))
+    before = mlp(x, k)
+    assert toy_fused.mlp_supported(mlp, x)
+    scaled = {name: p.detach() * 1.5 for name, p in mlp.named_parameters()}
+    swapped = torch.func.functional_call(mlp, scaled, (x, k))
+    reference = copy.deepcopy(mlp)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            p.copy_(scaled[name])
+    with toy_fused.disabled():
+        torch.testing.assert_close(swapped, reference(x, k), **TOL)
+    torch.testing.assert_close(mlp(x, k), before)
 
 
 def test_double_backward_through_the_fused_generator_is_refused():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
+from itertools import chain
 from types import SimpleNamespace
 
 import torch
@@ -129,27 +130,52 @@ def mlp_spec(mlp: _ConditionalMLP) -> SimpleNamespace:
     return sp
 
 
-def _snapshot(modules: tuple) -> tuple[list, tuple]:
-    """What a layout check and a spec depend on: every module's children, parameters and buffers, BatchNorm's
-    momentum and the energy's base_std. Returns (those objects, a key of their identities and those settings):
-    tensors have no scalar ==, and a replaced one must count as a change even when equal. Whoever keeps a key keeps
-    its objects too, so no id is reused."""
-    objects = [v for m in modules for v in (*m._modules.values(), *m._parameters.values(), *m._buffers.values())]
-    return objects, (*map(id, objects), *(m.__dict__.get("momentum") for m in modules),
-                     *(m.__dict__.get("base_std") for m in modules))
+def _members(modules: tuple) -> tuple:
+    """The non-empty dictionaries holding the modules' children, parameters and buffers (the same objects for a
+    module's lifetime: nn.Module's __setattr__, register_* and torch.func.functional_call change them in place).
+    An empty one is left out: what could be added to it (a child of a Linear, a parameter of an Identity) would
+    not change what the module computes."""
+    return tuple(d for m in modules for d in (m._modules, m._parameters, m._buffers) if d)
 
 
-def _hooked(modules: tuple) -> bool:
-    """Whether hooks or a per-instance forward (autocast_bf16's wrapper, a swapped method) sit on any module."""
-    for m in modules:
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
-                or "forward" in m.__dict__:
-            return True
-    return False
+def _identities(members: tuple) -> tuple:
+    """A key of the members' identities: tensors have no scalar ==, and a replaced one must count as a change
+    even when equal (iterated in C: ~4 µs for a toy network, 5 times per iteration)."""
+    return tuple(map(id, chain.from_iterable(map(dict.values, members))))
 
 
-# module -> (its submodules but itself, their snapshot's objects and key, its spec) once its layout passed; weak
-# (and holding no reference to the module), so copies start afresh and a dropped module is forgotten
+class _Layout:
+    """A module whose layout passed, its spec, and what would make the spec stale or the fast path wrong: a
+    replaced member (by identity), hooks, a per-instance forward, BatchNorm's momentum, the energy's base_std."""
+
+    def __init__(self, module: nn.Module, sp: SimpleNamespace):
+        modules = tuple(module.modules())
+        self.sp, self.members = sp, _members(modules)
+        # the key's objects, kept alive so that no id in it is reused (they hold the submodules, not the
+        # weakly-keyed module itself)
+        self.objects = list(chain.from_iterable(map(dict.values, self.members)))
+        self.key = _identities(self.members)
+        self.hooks = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                                                         m._backward_pre_hooks))
+        self.instance_dicts = tuple(m.__dict__ for m in modules)
+        self.settings = tuple((m.__dict__, name) for m in modules for name in ("momentum", "base_std")
+                              if name in m.__dict__)
+        self.values = self.current_settings()
+
+    def current_settings(self) -> tuple:
+        return tuple(d.get(name) for d, name in self.settings)
+
+    def current(self) -> bool:
+        """Nothing in it was replaced, and its settings are the ones its spec was built with."""
+        return _identities(self.members) == self.key and self.current_settings() == self.values
+
+    def hooked(self) -> bool:
+        """Whether hooks or a per-instance forward (autocast_bf16's wrapper, a swapped method) sit on any module."""
+        return any(self.hooks) or any("forward" in d for d in self.instance_dicts)
+
+
+# module -> its _Layout once its layout passed; weak (and holding no reference to the module), so copies start
+# afresh and a dropped module is forgotten
 _layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -158,19 +184,17 @@ def supported_spec(module: nn.Module, layout, build, x: torch.Tensor) -> SimpleN
     rechecked if anything in it was replaced), no hooks or per-instance forward sit anywhere inside, no autocast
     is on, and the parameters are of x's dtype and device; else None."""
     entry = _layouts.get(module)
-    modules = (module, *entry[0]) if entry is not None else None
-    if entry is None or _snapshot(modules)[1] != entry[2]:
+    if entry is None or not entry.current():
         if not layout(module):
             return None
-        modules = tuple(module.modules())
         sp = build(module)
         sp.params = list(module.parameters())
-        entry = _layouts[module] = (modules[1:], *_snapshot(modules), sp)
+        entry = _layouts[module] = _Layout(module, sp)
     if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
             or getattr(_module, "_global_backward_pre_hooks", None) or not x.is_floating_point()
-            or torch.is_autocast_enabled(x.device.type) or _hooked(modules)):
+            or torch.is_autocast_enabled(x.device.type) or entry.hooked()):
         return None
-    sp, dtype, device = entry[3], x.dtype, x.device
+    sp, dtype, device = entry.sp, x.dtype, x.device
     for p in sp.params:
         if p.dtype != dtype or p.device != device:
             return None
@@ -182,7 +206,7 @@ def spec(module: nn.Module) -> SimpleNamespace:
     entry = _layouts.get(module)
     if entry is None:
         raise ValueError(f"{type(module).__name__}: call its *_supported check before the fast path")
-    return entry[3]
+    return entry.sp
 
 
 def energy_supported(energy: nn.Module, x: torch.Tensor) -> bool:
@@ -270,8 +294,8 @@ def _linear_batch_norm(bn: SimpleNamespace | None, x: torch.Tensor, w: torch.Ten
 def _batch_norm_forward(bn: SimpleNamespace, h: torch.Tensor, groups: int, shift: torch.Tensor | None = None):
     """nn.BatchNorm1d's forward on h + shift per group of rows, as `groups` calls in turn would run it (running
     averages updated in training, group 0 first); a training-mode `shift` only moves the running mean. Returns
-    the output and what the backward needs: the batch statistics, `groups`, and the (weight, running mean,
-    running variance) the call read, repeated per group.
+    the output and what the backward needs: the batch statistics, `groups`, the (weight, running mean, running
+    variance) the call read, repeated per group, and whether it normalised by the batch's statistics.
 
     Groups interleave: row g + groups·r is row r of group g, so h viewed as [rows, groups·C] gives each (group,
     channel) a column of its own and one ATen call normalises every group (the module docstring)."""
@@ -282,13 +306,13 @@ def _batch_norm_forward(bn: SimpleNamespace, h: torch.Tensor, groups: int, shift
         out, mean, invstd = torch.native_batch_norm(h, bn.w, bn.b, bn.rm, bn.rv, m.training, m.momentum, m.eps)
         if shift is not None:
             bn.rm.add_(shift, alpha=m.momentum)
-        return out, (mean, invstd, 1, (bn.w, bn.rm, bn.rv))
+        return out, (mean, invstd, 1, (bn.w, bn.rm, bn.rv), m.training)
     rows = h.shape[0] // groups
     hv, w, b = h.view(rows, -1), torch.cat([bn.w] * groups), torch.cat([bn.b] * groups)
     if not m.training:
         rm, rv = torch.cat([bn.rm] * groups), torch.cat([bn.rv] * groups)
         out, mean, invstd = torch.native_batch_norm(hv, w, b, rm, rv, False, 0.0, m.eps)
-        return out.view_as(h), (mean, invstd, groups, (w, rm, rv))
+        return out.view_as(h), (mean, invstd, groups, (w, rm, rv), False)
     out, mean, invstd = torch.native_batch_norm(hv, w, b, None, None, True, 0.0, m.eps)
     # The running averages as the calls in turn would update them: the batch mean (+ shift), the unbiased variance.
     mean_g = mean.view(groups, -1) if shift is None else mean.view(groups, -1) + shift
@@ -297,7 +321,7 @@ def _batch_norm_forward(bn: SimpleNamespace, h: torch.Tensor, groups: int, shift
         bn.n.add_(1)
         bn.rm.lerp_(mean_g[i], m.momentum)
         bn.rv.lerp_(var_g[i], m.momentum)
-    return out.view_as(h), (mean, invstd, groups, (w, None, None))
+    return out.view_as(h), (mean, invstd, groups, (w, None, None), True)
 
 
 def _batch_norm_backward(bn: SimpleNamespace | None, g: torch.Tensor, h: torch.Tensor, saved):
@@ -305,13 +329,25 @@ def _batch_norm_backward(bn: SimpleNamespace | None, g: torch.Tensor, h: torch.T
     forward read (a group's parameter gradients are the sum over its columns)."""
     if bn is None:
         return g, []
-    mean, invstd, groups, (w, rm, rv) = saved
+    mean, invstd, groups, (w, rm, rv), training = saved
     rows = h.shape[0] // groups
-    gi, gw, gb = _bn_backward(g.view(rows, -1), h.view(rows, -1), w, rm, rv, mean, invstd, bn.m.training, bn.m.eps,
+    gi, gw, gb = _bn_backward(g.view(rows, -1), h.view(rows, -1), w, rm, rv, mean, invstd, training, bn.m.eps,
                               [True, True, True])
     if groups == 1:
         return gi, [gw, gb]
     return gi.view_as(g), [gw.view(groups, -1).sum(0), gb.view(groups, -1).sum(0)]
+
+
+def batch_normalised(saved) -> bool:
+    """Whether a _linear_batch_norm's BatchNorm normalised by the batch's own statistics (training mode)."""
+    return saved is not None and saved[4]
+
+
+def bias_grad(saved, g: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """∂/∂b of the linear layer h = x·wᵀ + b ahead of a _linear_batch_norm: the column sums of ∂/∂h, which are
+    exactly zero behind a training-mode BatchNorm (its output does not depend on any shift of a column, b's
+    included); there zeros, not the sums' float32 rounding noise (which Adam would scale up to full steps)."""
+    return torch.zeros_like(bias) if batch_normalised(saved) else g.sum(0)
 
 
 # ---- BranchedInput as one product
@@ -337,14 +373,20 @@ def first_layer(sp: SimpleNamespace) -> dict:
     return dict(c=c, wc=sp.first_w @ c, t1=t1, a1=a1, emb=emb)
 
 
-def first_layer_grads(sp: SimpleNamespace, fl: dict, g: torch.Tensor, g_bias: torch.Tensor) -> list[torch.Tensor]:
+def first_layer_grads(sp: SimpleNamespace, fl: dict, g: torch.Tensor,
+                      g_bias: torch.Tensor | None) -> list[torch.Tensor]:
     """Gradients of [post.w, post.b, step.net.0.w, .b, step.net.1.w, step.net.2.w, .b, first.w, first.b] from
-    G = ∂(W_first·C) and ∂b_first."""
+    G = ∂(W_first·C) and ∂b_first; g_bias None: a training-mode BatchNorm follows (bias_grad), so the three
+    biases that add the same vector to every row (post.b, step.net.2.b, first.b) have zero gradients."""
     d_c = sp.first_w.t() @ g
     d_emb = d_c[FEATURES:, BRANCH:].t()
     d_t1, d_slope = prelu_backward(d_emb @ sp.t_w2, fl["t1"], sp.t_a, overwrite=True)
-    return [d_c[:FEATURES, :BRANCH], d_c[:FEATURES, BRANCH:].sum(1), d_t1.t() @ sp.table, d_t1.sum(0), d_slope,
-            d_emb.t() @ fl["a1"], d_emb.sum(0), g @ fl["c"].t(), g_bias]
+    if g_bias is None:
+        d_post_b, d_emb_b, g_bias = (torch.zeros_like(b) for b in (sp.post_b, sp.t_b2, sp.first_b))
+    else:
+        d_post_b, d_emb_b = d_c[:FEATURES, BRANCH:].sum(1), d_emb.sum(0)
+    return [d_c[:FEATURES, :BRANCH], d_post_b, d_t1.t() @ sp.table, d_t1.sum(0), d_slope, d_emb.t() @ fl["a1"],
+            d_emb_b, g @ fl["c"].t(), g_bias]
 
 
 # ---- the generator's and encoder's body
@@ -374,16 +416,17 @@ def mlp_backward(sp: SimpleNamespace, c: dict, g: torch.Tensor, input_grad: bool
         g, d_a = prelu_backward(g, c["ob"], sp.a3)
         g, d_bn = _batch_norm_backward(sp.bn3, g, c["o"], c["bn3"])
         tail = [*d_bn, d_a]
-    d_out = [g.t() @ c["v2"], g.sum(0)]
+    d_out = [g.t() @ c["v2"], bias_grad(c.get("bn3"), g, sp.b3)]
     g, d_a2 = prelu_backward(g @ sp.w3, c["h1b"], sp.a2, overwrite=True)
     g, d_bn2 = _batch_norm_backward(sp.bn2, g, c["h1"], c["bn2"])
-    d_hidden = [g.t() @ c["v1"], g.sum(0)]
+    d_hidden = [g.t() @ c["v1"], bias_grad(c["bn2"], g, sp.b2)]
     g, d_a1 = prelu_backward(product(g, sp.w2.t()), c["h0b"], sp.a1, overwrite=True)
     g, d_bn1 = _batch_norm_backward(sp.bn1, g, c["h0"], c["bn1"])
-    first = first_layer_grads(sp, c["fl"], g.t() @ c["x20"], g.sum(0))
+    first = first_layer_grads(sp, c["fl"], g.t() @ c["x20"], None if batch_normalised(c["bn1"]) else g.sum(0))
     g, d_a0 = prelu_backward(g @ c["fl"]["wc"][:, :BRANCH], c["ub"], sp.a0, overwrite=True)
     g, d_bn0 = _batch_norm_backward(sp.bn0, g, c["u"], c["bn0"])
-    grads = [g.t() @ c["inputs"], g.sum(0), *d_bn0, d_a0, *first, *d_bn1, d_a1, *d_hidden, *d_bn2, d_a2, *d_out, *tail]
+    grads = [g.t() @ c["inputs"], bias_grad(c["bn0"], g, sp.c), *d_bn0, d_a0, *first, *d_bn1, d_a1, *d_hidden,
+             *d_bn2, d_a2, *d_out, *tail]
     return (g @ sp.a if input_grad else None), grads
 
 
