@@ -317,10 +317,9 @@ def _batch_norm_forward(bn: SimpleNamespace, h: torch.Tensor, groups: int, shift
     # The running averages as the calls in turn would update them: the batch mean (+ shift), the unbiased variance.
     mean_g = mean.view(groups, -1) if shift is None else mean.view(groups, -1) + shift
     var_g = (invstd.pow(-2) - m.eps).mul_(rows / max(rows - 1, 1)).view(groups, -1)
-    for i in range(groups):
-        bn.n.add_(1)
-        bn.rm.lerp_(mean_g[i], m.momentum)
-        bn.rv.lerp_(var_g[i], m.momentum)
+    bn.n.add_(groups)
+    for mean_i, var_i in zip(mean_g.unbind(0), var_g.unbind(0)):
+        torch._foreach_lerp_([bn.rm, bn.rv], [mean_i, var_i], m.momentum)
     return out.view_as(h), (mean, invstd, groups, (w, None, None), True)
 
 
