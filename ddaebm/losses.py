@@ -54,6 +54,10 @@ class StepBatch:
     x_fake: torch.Tensor  # x̃_k = posterior sample around x0_fake, graph to φ kept
     enc_noise: torch.Tensor  # ε of the encoder's reparameterised z_E
     nce_noise: torch.Tensor | None = None  # per row, N(0, nce_std²·I): the NCE contrast of the rows at k = 0
+    # (x_fake, ∂x̃_k/∂x0_fake per row) as draw_step_batch made them: the posterior mean's coefficient at the
+    # draw's k, for an objective that runs the generator pass's backward itself (toy_losses.generator_loss);
+    # it holds only while x_fake is that tensor
+    fake_link: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: Terms, nz: int,
@@ -74,7 +78,7 @@ def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: 
     x0_fake = generator(x_k1, k, z)
     x_fake = posterior_sample(s, x0_fake, x_k1, k, posterior_noise)
     return StepBatch(k=k, x_k=x_k.requires_grad_(True), x_k1=x_k1, z=z, x0_fake=x0_fake, x_fake=x_fake,
-                     enc_noise=enc_noise, nce_noise=nce)
+                     enc_noise=enc_noise, nce_noise=nce, fake_link=(x_fake, s.post_c1[k]))
 
 
 def draw_generator_inputs(x0: torch.Tensor, s: Schedule, latent: bool, nz: int, rng: torch.Generator, rank: int = 0,

@@ -19,6 +19,8 @@ fake samples share one pass of 2B rows, only the real ones carrying R1.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -200,13 +202,29 @@ def generator_supported(energy: nn.Module, gen_enc: nn.Module, b: StepBatch, cfg
             and tf.supported_spec(enc, _encoder_layout, _encoder_spec, b.x_fake) is not None)
 
 
+def _draw_pass(b: StepBatch, g_sp) -> tuple | None:
+    """(the generator's fused pass that made b.x0_fake, ∂x̃_k/∂x0_fake per row) when the objective can run that
+    pass's backward itself: b.x_fake is still the posterior sample draw_step_batch made from b.x0_fake, which
+    this generator's fast path computed, with the parameters' requires_grad as they are now and no gradient
+    wanted for its inputs; else None (autograd then backpropagates through x̃_k's graph)."""
+    link, node = b.fake_link, b.x0_fake.grad_fn
+    if (link is None or link[0] is not b.x_fake or type(node) is not tf._ConditionalMLPFunction._backward_cls
+            or len(node.sp.params) != len(g_sp.params) or not all(map(operator.is_, node.sp.params, g_sp.params))
+            or node.needs_input_grad[1] or node.needs_input_grad[3:] != tuple(p.requires_grad for p in g_sp.params)):
+        return None
+    return node, link[1]
+
+
 class _GeneratorObjective(torch.autograd.Function):
-    """L_G = −E_F + L_lat + L_rec + L_KL with gradients to x̃_k (hence, by autograd, to the generator pass that
-    made it) and to the generator's and encoder's parameters. The encoder's two passes (on x̃_k and on x_k) are
-    one pass of 2B interleaved rows (even: x̃_k, odd: x_k) with the BatchNorm statistics of each pass."""
+    """L_G = −E_F + L_lat + L_rec + L_KL with gradients to the generator's and encoder's parameters, and to x̃_k.
+
+    The encoder's two passes (on x̃_k and on x_k) are one pass of 2B interleaved rows (even: x̃_k, odd: x_k)
+    with the BatchNorm statistics of each pass. `draw` (_draw_pass): x̃_k comes detached and the backward runs
+    the generator's draw pass too, adding its gradients to the reconstruction pass's, the sum autograd would
+    form (one node and one accumulation per parameter fewer); without it, ∂/∂x̃_k goes back through autograd."""
 
     @staticmethod
-    def forward(ctx, s, cfg, e_sp, g_sp, q_sp, x_fake, x_k, x_k1, z, eps, k, *params):
+    def forward(ctx, s, cfg, e_sp, g_sp, q_sp, draw, x_fake, x_k, x_k1, z, eps, k, *params):
         n = x_fake.shape[0]
         f, ec = tf.energy_forward(e_sp, x_fake, k)
         e_f = (f + log_transition(s, x_fake, x_k1, k)).mean()
@@ -224,7 +242,7 @@ class _GeneratorObjective(torch.autograd.Function):
         l_rec = cfg.lambda_rec * (w * _gaussian_nll(x_k, mean, var)).mean()
         l_kl = cfg.lambda_kl * kl_to_standard_normal(mu, lv).mean()
         loss = -e_f + l_lat + l_rec + l_kl
-        ctx.sps, ctx.s, ctx.cfg = (e_sp, g_sp, q_sp), s, cfg
+        ctx.sps, ctx.s, ctx.cfg, ctx.draw = (e_sp, g_sp, q_sp), s, cfg, draw
         ctx.cache = dict(ec=ec, x_fake=x_fake, x_k=x_k, x_k1=x_k1, z=z, eps=eps, k=k, h=h, enc=enc_cache, raw=raw,
                          mu_all=mu_all, lv_all=lv_all, std=std, gen=gen_cache, mean=mean, var=var, w=w)
         terms = (e_f, l_lat, l_rec, l_kl)
@@ -258,20 +276,26 @@ class _GeneratorObjective(torch.autograd.Function):
         lo, hi = q_sp.lv_range
         d_lv = d_lv * ((c["raw"] >= lo) & (c["raw"] <= hi))  # clamp's backward
         d_h = d_mu @ q_sp.mu_w + d_lv @ q_sp.lv_w
-        d_enc_in, enc_grads = tf.mlp_backward(q_sp, c["enc"], d_h, ctx.needs_input_grad[5])
+        want_fake = ctx.needs_input_grad[6] or ctx.draw is not None
+        d_enc_in, enc_grads = tf.mlp_backward(q_sp, c["enc"], d_h, want_fake)
         heads = [d_mu.t() @ c["h"], d_mu.sum(0), d_lv.t() @ c["h"], d_lv.sum(0)]
-        if ctx.needs_input_grad[5]:
+        if want_fake:
             d_fake = d_fake + d_enc_in[0::2, :x_fake.shape[1]]
-        grads = [g if need else None for g, need in zip([*gen_grads, *enc_grads, *heads], ctx.needs_input_grad[11:])]
-        return (None,) * 5 + (d_fake if ctx.needs_input_grad[5] else None,) + (None,) * 5 + tuple(grads)
+        if ctx.draw is not None:  # x̃_k = c1·x0_fake + (terms without x0_fake), x0_fake the draw pass's output
+            node, coef = ctx.draw
+            _, draw_grads = tf.mlp_backward(g_sp, node.cache, coef[:, None] * d_fake, False)
+            torch._foreach_add_(gen_grads, draw_grads)
+        grads = [g if need else None for g, need in zip([*gen_grads, *enc_grads, *heads], ctx.needs_input_grad[12:])]
+        return (None,) * 6 + (d_fake if ctx.needs_input_grad[6] else None,) + (None,) * 5 + tuple(grads)
 
 
 def generator_loss(energy: nn.Module, gen_enc: nn.Module, s: Schedule, b: StepBatch,
                    cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """losses.generator_loss with every term on (after `generator_supported`)."""
     g_sp, q_sp = tf.spec(gen_enc.generator), tf.spec(gen_enc.encoder)
+    draw = _draw_pass(b, g_sp)
     loss, e_f, l_lat, l_rec, l_kl = _GeneratorObjective.apply(
-        s, cfg, tf.spec(energy), g_sp, q_sp, b.x_fake, b.x_k.detach(), b.x_k1, b.z, b.enc_noise, b.k, *g_sp.params,
-        *q_sp.params)
+        s, cfg, tf.spec(energy), g_sp, q_sp, draw, b.x_fake if draw is None else b.x_fake.detach(), b.x_k.detach(),
+        b.x_k1, b.z, b.enc_noise, b.k, *g_sp.params, *q_sp.params)
     stats = {"E_F": e_f, "L_lat": l_lat, "L_rec": l_rec, "L_KL": l_kl, "loss_gen": loss.detach()}
     return loss, stats

@@ -134,6 +134,28 @@ def test_generator_loss_and_gradients_match_autograd(k, ablation):
         torch.testing.assert_close(a, b, **TOL)
 
 
+def test_generator_objective_runs_the_draw_pass_backward_only_for_its_own_fake():
+    """toy_losses._draw_pass: the fused objective takes over the backward of the generator pass behind b.x_fake
+    (test_generator_loss_and_gradients_match_autograd, k=None, checks the gradients) only while x_fake is the
+    drawn one and the pass is this generator's; otherwise autograd backpropagates through x̃_k."""
+    from ddaebm import toy_losses
+
+    energy, gen_enc = _nets()
+    energy.requires_grad_(False)
+    b = _batch(gen_enc)
+    cfg = LossConfig()
+    assert toy_losses.generator_supported(energy, gen_enc, b, cfg, ABLATIONS["full"])
+    g_sp = toy_fused.spec(gen_enc.generator)
+    assert toy_losses._draw_pass(b, g_sp) is not None
+    other = copy.deepcopy(gen_enc)
+    assert toy_losses.generator_supported(energy, other, b, cfg, ABLATIONS["full"])
+    assert toy_losses._draw_pass(b, toy_fused.spec(other.generator)) is None
+    assert toy_losses._draw_pass(dataclasses.replace(b, x_fake=b.x_fake * 1.0), g_sp) is None
+    loss, _ = generator_loss(energy, gen_enc, SCHEDULE, b, cfg, ABLATIONS["full"])
+    loss.backward()
+    assert all(p.grad is not None for p in gen_enc.parameters())
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_conditional_mlp_matches_its_modules(train):
     _, gen_enc = _nets()
