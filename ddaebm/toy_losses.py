@@ -115,7 +115,7 @@ class _EnergyObjective(torch.autograd.Function):
             d_a2 = d_a2 + tf.masked(de2, c["h1"][:nr]).sum(0).dot(w3)
             d_a1 = d_a1 + tf.masked(de1, c["h0"][:nr]).view(-1).dot(d2[:nr].reshape(-1))
             d_a0 = d_a0 + tf.masked(de0, c["u"][:nr]).view(-1).dot(d1[:nr].reshape(-1))
-        first = tf.first_layer_grads(sp, c["fl"], e1.t() @ q_first, e1.t() @ omega)
+        first = tf.first_layer_grads(sp, c["fl"], tf.t_product(e1, q_first), e1.t() @ omega)
         grads = [e0.t() @ q_a, e0.t() @ omega, d_a0.view(1), *first, d_a1.view(1), e2.t() @ q_w2, e2.t() @ omega,
                  d_a2.view(1), d_w3[None], omega.sum().view(1)]
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[10:])]
