@@ -204,13 +204,15 @@ def generator_supported(energy: nn.Module, gen_enc: nn.Module, b: StepBatch, cfg
 
 def _draw_pass(b: StepBatch, g_sp) -> tuple | None:
     """(the generator's fused pass that made b.x0_fake, ∂x̃_k/∂x0_fake per row) when the objective can run that
-    pass's backward itself: b.x_fake is still the posterior sample draw_step_batch made from b.x0_fake, which
-    this generator's fast path computed, with the parameters' requires_grad as they are now and no gradient
-    wanted for its inputs; else None (autograd then backpropagates through x̃_k's graph)."""
+    pass's backward itself and reuse its first layer: b.x_fake is still the posterior sample draw_step_batch made
+    from b.x0_fake, which this generator's fast path computed with the parameters as they are now (the same
+    tensors, unchanged in place since, requires_grad alike), and no gradient is wanted for its inputs; else None
+    (autograd then backpropagates through x̃_k's graph)."""
     link, node = b.fake_link, b.x0_fake.grad_fn
     if (link is None or link[0] is not b.x_fake or type(node) is not tf._ConditionalMLPFunction._backward_cls
             or len(node.sp.params) != len(g_sp.params) or not all(map(operator.is_, node.sp.params, g_sp.params))
-            or node.needs_input_grad[1] or node.needs_input_grad[3:] != tuple(p.requires_grad for p in g_sp.params)):
+            or node.versions != tf.versions(g_sp.params) or node.needs_input_grad[1]
+            or node.needs_input_grad[3:] != tuple(p.requires_grad for p in g_sp.params)):
         return None
     return node, link[1]
 
@@ -236,7 +238,8 @@ class _GeneratorObjective(torch.autograd.Function):
         mu_g, mu, lv_g, lv = mu_all[0::2], mu_all[1::2], lv_all[0::2], lv_all[1::2]
         l_lat = cfg.lambda_ent * latent_nll(z, mu_g, lv_g).mean()
         std = torch.exp(0.5 * lv)
-        x0_e, gen_cache = tf.mlp_forward(g_sp, torch.cat([x_k1, mu + std * eps], 1), k)
+        x0_e, gen_cache = tf.mlp_forward(g_sp, torch.cat([x_k1, mu + std * eps], 1), k,
+                                         fl=None if draw is None else draw[0].cache["fl"])
         mean = posterior_mean(s, x0_e, x_k1, k)
         var, w = recon_variance(s, k, cfg), importance_weight(s.t[k + 1], cfg.iw_alpha, cfg.iw_beta)
         l_rec = cfg.lambda_rec * (w * _gaussian_nll(x_k, mean, var)).mean()

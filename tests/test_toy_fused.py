@@ -151,6 +151,10 @@ def test_generator_objective_runs_the_draw_pass_backward_only_for_its_own_fake()
     assert toy_losses.generator_supported(energy, other, b, cfg, ABLATIONS["full"])
     assert toy_losses._draw_pass(b, toy_fused.spec(other.generator)) is None
     assert toy_losses._draw_pass(dataclasses.replace(b, x_fake=b.x_fake * 1.0), g_sp) is None
+    changed = _batch(other)
+    with torch.no_grad():
+        other.generator.net.decoder[2].weight.mul_(1.01)  # after the draw: autograd would refuse its backward
+    assert toy_losses._draw_pass(changed, toy_fused.spec(other.generator)) is None
     loss, _ = generator_loss(energy, gen_enc, SCHEDULE, b, cfg, ABLATIONS["full"])
     loss.backward()
     assert all(p.grad is not None for p in gen_enc.parameters())

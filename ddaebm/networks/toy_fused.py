@@ -398,9 +398,10 @@ def first_layer_grads(sp: SimpleNamespace, fl: dict, g: torch.Tensor,
 # ---- the generator's and encoder's body
 
 
-def mlp_forward(sp: SimpleNamespace, inputs: torch.Tensor, k: torch.Tensor, groups: int = 1):
-    """_ConditionalMLP.forward(inputs, k) (`groups` interleaved passes, see the module docstring) and its cache."""
-    fl = first_layer(sp)
+def mlp_forward(sp: SimpleNamespace, inputs: torch.Tensor, k: torch.Tensor, groups: int = 1, fl: dict | None = None):
+    """_ConditionalMLP.forward(inputs, k) (`groups` interleaved passes, see the module docstring) and its cache;
+    `fl`: first_layer(sp) as an earlier pass with the same parameter values computed it."""
+    fl = first_layer(sp) if fl is None else fl
     u, ub, bn0 = _linear_batch_norm(sp.bn0, inputs, sp.a, sp.c, groups)
     x20 = torch.cat([F.prelu(ub, sp.a0), one_hot(k, sp.steps, u)], 1)
     h0, h0b, bn1 = _linear_batch_norm(sp.bn1, x20, fl["wc"], sp.first_b, groups)
@@ -436,11 +437,16 @@ def mlp_backward(sp: SimpleNamespace, c: dict, g: torch.Tensor, input_grad: bool
     return (g @ sp.a if input_grad else None), grads
 
 
+def versions(tensors) -> list[int]:
+    """The tensors' version counters: what an in-place change (an optimizer step, load_state_dict) advances."""
+    return [t._version for t in tensors]
+
+
 class _ConditionalMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sp, inputs, k, *parameters):
         out, ctx.cache = mlp_forward(sp, inputs, k)
-        ctx.sp = sp
+        ctx.sp, ctx.versions = sp, versions(parameters)
         return out
 
     @staticmethod
