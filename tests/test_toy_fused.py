@@ -182,6 +182,27 @@ def test_conditional_mlp_matches_its_modules(train):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_biases_ahead_of_a_training_batch_norm_get_exact_zero_gradients(groups):
+    """A training-mode BatchNorm removes any per-column shift of its input, so the biases that add one (the
+    Linear's before it, and post.b and step.net.2.b, which add the same vector to every row) have zero
+    gradient: exact zeros in the fast path (autograd's are rounding noise), the others untouched; in eval mode
+    they get their column sums."""
+    _, gen_enc = _nets()
+    mlp = gen_enc.encoder.body
+    zero = {"input.pre.0.bias", "input.post.bias", "input.step.net.2.bias", "input.first.bias", "decoder.2.bias",
+            "decoder.5.bias"}
+    x, k, g = torch.randn(2 * 40, 4), torch.randint(0, 4, (2 * 40,)), torch.randn(2 * 40, 16)
+    for train in (True, False):
+        mlp.train(train)
+        assert toy_fused.mlp_supported(mlp, x)
+        with torch.no_grad():
+            _, cache = toy_fused.mlp_forward(toy_fused.spec(mlp), x, k, groups=groups)
+            _, grads = toy_fused.mlp_backward(toy_fused.spec(mlp), cache, g, False)
+        for (name, _), grad in zip(mlp.named_parameters(), grads):
+            assert (name in zero and train) == (not grad.any()), name
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_interleaved_passes_match_separate_calls(train):
     """groups=2 (the encoder's two passes as one): rows interleaved, BatchNorm statistics per pass, running
