@@ -154,7 +154,7 @@ class _Layout:
         # the key's objects, kept alive so that no id in it is reused (they hold the submodules, not the
         # weakly-keyed module itself)
         self.objects = list(chain.from_iterable(map(dict.values, self.members)))
-        self.key = _identities(self.members)
+        self.key = tuple(map(id, self.objects))
         self.hooks = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
                                                          m._backward_pre_hooks))
         self.instance_dicts = tuple(m.__dict__ for m in modules)
