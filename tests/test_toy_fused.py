@@ -372,8 +372,6 @@ def test_hidden_products(monkeypatch):
     assert out.dtype == torch.float32 and (out.double() - exact).abs().max() < 1e-3
     exact_t = x.double() @ w.double()  # a transposed view, as the backward passes it
     assert (toy_fused.product(x, w.t()).double() - exact_t).abs().max() < 1e-3
-    if torch.backends.mkldnn.is_available():
-        assert toy_fused._linear_onednn is not None
     calls = []
 
     def recorded(x, w, bias, *_):
@@ -389,3 +387,21 @@ def test_hidden_products(monkeypatch):
     from bench.common import flops_of  # the bench counts oneDNN's products too (torch's registry does not)
 
     assert flops_of(lambda: toy_fused.product(x, w, b)) == 2 * 50 * 300 * 300
+
+
+def test_hidden_product_backend_choice(monkeypatch):
+    """oneDNN for the hidden products except on Intel CPUs (MKL), or as DDAEBM_TOY_LINEAR says; a bad value is
+    refused by name."""
+    choose = toy_fused._onednn_linear
+    assert choose("auto", "GenuineIntel") is None and choose("aten", "AuthenticAMD") is None
+    if torch.backends.mkldnn.is_available():
+        onednn = torch.ops.mkldnn._linear_pointwise.default
+        assert choose("auto", "AuthenticAMD") is onednn and choose("onednn", "GenuineIntel") is onednn
+        assert choose("auto", "") is onednn
+        x, w = torch.randn(20, 300), torch.randn(300, 300)
+        assert (onednn(x, w, None, "none", [], "") - x @ w.t()).abs().max() < 1e-3
+    monkeypatch.setenv("DDAEBM_TOY_LINEAR", "aten")
+    assert choose(vendor="AuthenticAMD") is None
+    monkeypatch.setenv("DDAEBM_TOY_LINEAR", "mkl")
+    with pytest.raises(ValueError, match="DDAEBM_TOY_LINEAR='mkl'"):
+        choose()

@@ -227,8 +227,31 @@ def mlp_supported(mlp: nn.Module, x: torch.Tensor) -> bool:
 # ---- the hidden layers' products
 
 
-def _onednn_linear():
-    """oneDNN's fp32 linear (the op PyTorch's CPU compiler emits), or None where this build lacks it."""
+def cpu_vendor() -> str:
+    """The CPU's vendor string as the kernel reports it (e.g. GenuineIntel, AuthenticAMD); "" where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _onednn_linear(choice: str | None = None, vendor: str | None = None):
+    """oneDNN's fp32 linear (the op PyTorch's CPU compiler emits) where the hidden products should take it, else
+    None (ATen's matmul, i.e. MKL). `choice` (default: the DDAEBM_TOY_LINEAR environment variable, else "auto"):
+    "onednn", "aten", or "auto": oneDNN except on Intel CPUs. On the project's AMD machines oneDNN took 8-12% less
+    time than MKL, one product at a time (341 vs 378 µs for 200×300·300×300ᵀ, 676 vs 770 for 400 rows); on an
+    Intel Xeon (AVX-512) MKL took ~7% less without a bias (258 vs 280, 556 vs 595 µs), ~4% less per toy iteration
+    (`python bench/toy_ab.py 9d5d8c0 --reference-math`, that revision taking oneDNN everywhere). Fixed per
+    process and machine: a run and its resumptions there round the same way."""
+    choice = os.environ.get("DDAEBM_TOY_LINEAR", "auto") if choice is None else choice
+    if choice not in ("auto", "onednn", "aten"):
+        raise ValueError(f"DDAEBM_TOY_LINEAR={choice!r}: expected auto, onednn or aten")
+    if choice == "aten" or (choice == "auto" and (cpu_vendor() if vendor is None else vendor) == "GenuineIntel"):
+        return None
     try:
         if torch.backends.mkldnn.is_available():
             return torch.ops.mkldnn._linear_pointwise.default
@@ -242,11 +265,10 @@ ONEDNN_MIN_FEATURES = 128  # both sides of the weight: the hidden × hidden laye
 
 
 def product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x·wᵀ (+ bias), IEEE float32 either way. A hidden × hidden product on the CPU runs through oneDNN's linear:
-    on this project's (AMD) CPU machines it took 8-12% less time than ATen's matmul, which calls MKL (measured
-    one product at a time: 341 vs 378 µs for 200×300·300×300ᵀ, 676 vs 770 for 400 rows, transposed weights
-    alike). Smaller products, and the weight gradients (gᵀ·x), stay with ATen, where oneDNN was no faster;
-    so does everything else (another dtype or device)."""
+    """x·wᵀ (+ bias), IEEE float32 either way. A hidden × hidden product on the CPU runs through oneDNN's linear
+    where _onednn_linear chose it (faster than ATen's MKL matmul on AMD CPUs, slower on Intel ones). Smaller
+    products, and the weight gradients (gᵀ·x), stay with ATen, where oneDNN was no faster; so does everything
+    else (another dtype or device)."""
     if (_linear_onednn is not None and x.dtype == torch.float32 and x.device.type == "cpu"
             and w.shape[0] >= ONEDNN_MIN_FEATURES and w.shape[1] >= ONEDNN_MIN_FEATURES):
         return _linear_onednn(x, w, bias, "none", [], "")
