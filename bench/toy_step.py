@@ -147,7 +147,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3, help="alternating measurements of each")
+    p.add_argument("--rounds", type=int, default=5, help="alternating measurements of each")
     p.add_argument("--child", choices=("ddaebm", "generic", "baseline", "default"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -178,6 +178,11 @@ def main() -> None:
     print(f"generic           {generic_ms:.2f} ms/it   (rounds: {rounds['generic']})")
     print(f"baseline          {base_ms:.2f} ms/it   (rounds: {rounds['baseline']})")
     print(f"speed-up          {base_ms / ms:.2f}x over the baseline, {generic_ms / ms:.2f}x over generic")
+    # The machine drifts between rounds; each round times the three back to back, so their ratio within a round
+    # is steadier than the ratio of medians over rounds.
+    ratios = [b["ms"] / o["ms"] for o, b in zip(ours, base)]
+    print(f"per round         baseline / ddaebm {statistics.median(ratios):.2f}x (median; rounds: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}); fastest ddaebm round {min(r['ms'] for r in ours):.2f} ms/it")
     if "default" in runs:
         d = runs["default"]
         d_ms = statistics.median(r["ms"] for r in d)
