@@ -154,7 +154,7 @@ class Trainer:
             loss, phase_stats = phase.loss(self, b)
             stats.update(phase_stats)
             last = i == len(due) - 1
-            flags = [not bool(torch.isfinite(loss))]
+            flags = [not math.isfinite(loss.item())]  # (one call: torch.isfinite and bool take ~10 µs)
             if last:
                 flags.append(bool(stop_requested()) if stop_requested is not None else False)
             engine.zero_grad()
