@@ -95,15 +95,19 @@ def tune_domains(space: dict) -> dict:
 
 
 def read_space(text: str | None, params: list[str], cfg) -> dict:
-    """--space (file or string) plus the --param entries; CONFIG's default space when neither is given."""
-    import yaml
+    """--space (file or string) plus the --param entries; CONFIG's default space when neither is given. Values
+    are read as config overrides are (OmegaConf's YAML: 1e-4 is a number, [20,5,1,1] a list)."""
+    from omegaconf import OmegaConf
 
     if text is None and not params:
         return default_space(cfg)
     space = {}
     if text is not None:
         path = Path(text)
-        space = yaml.safe_load(path.read_text() if path.is_file() else text)
+        try:
+            space = OmegaConf.to_container(OmegaConf.create(path.read_text() if path.is_file() else text))
+        except Exception as err:  # yaml's and OmegaConf's parse errors share no base class
+            raise ValueError(f"--space: cannot read {text!r}: {' '.join(str(err).split())}") from None
         if not isinstance(space, dict):
             raise ValueError("--space must be a mapping {key: [kind, ...]} (a YAML/JSON file or string)")
     for item in params:  # KEY=KIND:V1,V2,... — no spaces or quotes, so it survives `ray submit`'s shell
@@ -112,8 +116,28 @@ def read_space(text: str | None, params: list[str], cfg) -> dict:
         if not key or kind not in ("uniform", "loguniform", "choice", "grid") or not values:
             raise ValueError(f"--param {item}: expected KEY=KIND:V1,V2,... with KIND uniform, loguniform, choice "
                              "or grid")
-        space[key] = [kind, *(yaml.safe_load(v) for v in values.split(","))]
+        space[key] = [kind, *(OmegaConf.to_container(OmegaConf.from_dotlist([f"v={v}"]))["v"]
+                              for v in split_values(values, item))]
     return space
+
+
+def split_values(values: str, item: str) -> list[str]:
+    """V1,V2,... split at the commas outside brackets, so that a value may be a list:
+    loss.r1_gamma_scale=choice:[20,5,1,1],[1,1,1,1] sweeps two lists."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(values):
+        depth += (ch in "[{") - (ch in "]}")
+        if depth < 0:
+            break
+        if ch == "," and depth == 0:
+            parts.append(values[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"--param {item}: unbalanced brackets in {values!r}")
+    parts.append(values[start:])
+    if any(not part for part in parts):
+        raise ValueError(f"--param {item}: an empty value in {values!r}")
+    return parts
 
 
 def param_overrides(params: dict) -> list[str]:
@@ -384,7 +408,8 @@ def parse_args(argv=None):
                                    "replacing the default space")
     p.add_argument("--param", action="append", default=[], metavar="KEY=KIND:V1,V2",
                    help="a swept key, e.g. loss.r1_gamma=loguniform:1e-4,1e-1 or diffusion.grid=choice:eps,drl "
-                        "(repeatable; with --param or --space only the keys named are swept)")
+                        "or loss.r1_gamma_scale=grid:[20,5,1,1],[1,1,1,1] (repeatable; with --param or --space "
+                        "only the keys named are swept)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random search")
     p.add_argument("--workers", type=int, default=1, help=">1: Ray Train workers per trial, dist.backend=deepspeed")
     p.add_argument("--cpus-per-worker", type=float, default=1)

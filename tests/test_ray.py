@@ -180,6 +180,38 @@ def test_train_py_continues_a_cli_run_and_survives_a_killed_worker(tmp_path):
     print(f"\ncluster/train.py: 2 workers, 40 steps with one worker killed and restarted: {ray_s:.1f} s")
 
 
+def _sweep_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ddaebm_sweep_under_test", SWEEP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_param_values_may_be_lists():
+    """--param splits its values at the commas outside brackets: a list-valued key (per-step γ) can be swept, and
+    the trial's override reads back as that list."""
+    sweep = _sweep_module()
+    space = sweep.read_space(None, ["loss.r1_gamma_scale=grid:[20,5,1,1],[1,1,1,1]",
+                                    "loss.r1_gamma=loguniform:1e-4,1e-1", "diffusion.grid=choice:eps,drl"], None)
+    assert space == {"loss.r1_gamma_scale": ["grid", [20, 5, 1, 1], [1, 1, 1, 1]],
+                     "loss.r1_gamma": ["loguniform", 1e-4, 1e-1], "diffusion.grid": ["choice", "eps", "drl"]}
+    from ddaebm.config import load_config
+
+    cfg = load_config(TOY, sweep.param_overrides({"loss.r1_gamma_scale": [20, 5, 1, 1]}))
+    assert list(cfg.loss.r1_gamma_scale) == [20.0, 5.0, 1.0, 1.0]
+    for bad, why in (("loss.r1_gamma_scale=grid:[20,5,1,1", "unbalanced"), ("loss.r1_gamma=grid:0.1,,0.2", "empty"),
+                     ("loss.r1_gamma=grid:0.1]", "unbalanced")):
+        with pytest.raises(ValueError, match=why):
+            sweep.read_space(None, [bad], None)
+    # --space reads numbers as the overrides do (plain YAML would leave 1e-4 a string)
+    assert sweep.read_space("{loss.r1_gamma: [loguniform, 1e-4, 1e-1]}", [], None) == {
+        "loss.r1_gamma": ["loguniform", 1e-4, 1e-1]}
+    with pytest.raises(ValueError, match="--space: cannot read"):
+        sweep.read_space("{loss.r1_gamma: [grid, 1e-4", [], None)
+
+
 def test_bad_input_fails_before_ray_starts(tmp_path):
     r = _run([SWEEP, "--local", TOY, "--storage", tmp_path, "loss.no_such_key=1"], 120)
     assert r.returncode == 2 and "no_such_key" in r.stdout, r.stdout[-2000:]
