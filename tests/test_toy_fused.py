@@ -387,6 +387,11 @@ def test_hidden_products(monkeypatch):
     from bench.common import flops_of  # the bench counts oneDNN's products too (torch's registry does not)
 
     assert flops_of(lambda: toy_fused.product(x, w, b)) == 2 * 50 * 300 * 300
+    if torch.backends.mkldnn.is_available():  # whichever backend this machine's CPU chose
+        for backend in ("onednn", "aten"):
+            monkeypatch.setattr(toy_fused, "_linear_onednn", toy_fused._onednn_linear(backend))
+            assert flops_of(lambda: toy_fused.product(x, w, b)) == 2 * 50 * 300 * 300
+            assert (toy_fused.product(x, w, b).double() - exact).abs().max() < 1e-3
 
 
 def test_hidden_product_backend_choice(monkeypatch):
