@@ -3,7 +3,7 @@
 Why `fn.external_source` and not `fn.readers.webdataset`: the reader shuffles through a bounded buffer
 (`initial_fill`) within the shards of one rank, so its order depends on the number of ranks, and its checkpoint
 (`Pipeline(enable_checkpointing=True)`, supported by the webdataset reader in DALI 2.4) only restores at the same
-world size. Feeding encoded bytes from the global plan (ddaebm/data/images.py: one permutation per (seed, epoch),
+world size. Feeding encoded bytes from the global plan (ddaebm/data/order.py: one permutation per (seed, epoch),
 rank r takes rows r·n:(r+1)·n of each global batch) keeps the PIL path's order exactly, so resume is exact at any
 world size and both loaders are interchangeable mid-run. Reading the bytes (one `pread` per sample from the
 index's offsets) is cheap next to decoding, which DALI does in its own threads: `device="mixed"` (nvJPEG/GPU)
@@ -23,8 +23,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ddaebm.data.images import Planned, Transform, decode_pil, replacement_rows
+from ddaebm.data.decode import Transform, decode_pil
+from ddaebm.data.order import Planned, replacement_rows
 from ddaebm.data.shards import ShardSet
+
 
 def cuda_device(device: int | None) -> int | None:
     """The CUDA device DALI decodes on: the given index, torch's current device when CUDA is available, or None

@@ -1,10 +1,10 @@
 """Image batches from shards: the endless training stream (`ImageStream`) and one pass over a split (`iterate_split`).
 
-Order (both loaders, SPEC §8 preprocessing): epoch e of a split of N samples is a permutation of range(N) and a
-flip bit per position, both drawn from `numpy.random.default_rng([seed, e])`. Global batches are consecutive
-slices of W·n positions of that permutation; a last partial global batch is dropped (so every rank gets the same
-number of batches); rank r of W takes rows r·n:(r+1)·n. The stream's position is therefore (epoch, offset into the
-permutation), the same numbers on every rank and for every world size, and it is all `state_dict()` holds:
+This module owns the stream: choosing a loader (ddaebm/data/pil.py or ddaebm/data/dali.py), its position and
+resume, and the decode-error policy. The order itself (a permutation and flips per (seed, epoch); rank r takes rows
+r·n:(r+1)·n of each global batch of W·n) is ddaebm/data/order.py; the per-image transform is ddaebm/data/decode.py.
+The stream's position is (epoch, offset into the permutation), the same numbers on every rank and for every world
+size, and it is all `state_dict()` holds:
 
 - **resume** = continue at the first global batch not yet consumed when the state was saved. At the same global
   batch it reproduces the uninterrupted sequence exactly, on any world size (a rank's rows are a slice of a
@@ -20,238 +20,19 @@ order stays deterministic).
 
 from __future__ import annotations
 
-import gc
-import io
 import warnings
-from dataclasses import dataclass
-from functools import partial
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 import torch
 
+from ddaebm.data.decode import Transform, logit_pixels, make_transform
+from ddaebm.data.order import Planned, dequant_noise, replacement_rows, split_plan, training_plan
+from ddaebm.data.pil import PilBatches
 from ddaebm.data.shards import ShardSet, manifest_path
 
-PREPROCESS = ("minus_one_one", "logit")
 LOADERS = ("auto", "dali", "pil")
 ON_ERROR = ("raise", "skip")
-
-
-@dataclass(frozen=True)
-class Transform:
-    """What both loaders do to an encoded image (SPEC §8): decode to `channels`, resize the shorter side to
-    `resolution` and centre-crop when the stored size is not resolution², optional flip, normalise."""
-
-    resolution: int
-    channels: int
-    resize: bool
-    preprocess: str
-
-    @property
-    def mean_std(self) -> tuple[float, float]:
-        """[−1, 1] images, or [0, 1] pixels that the logit path dequantises afterwards (SPEC §7.5)."""
-        return (127.5, 127.5) if self.preprocess == "minus_one_one" else (0.0, 255.0)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.resolution, self.resolution)
-
-
-def make_transform(manifest: dict, resolution: int, channels: int, preprocess: str) -> Transform:
-    if preprocess not in PREPROCESS:
-        raise ValueError(f"preprocess={preprocess!r}; choose one of {PREPROCESS}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels={channels}; images have 1 (grayscale) or 3 (RGB)")
-    image = manifest["image"]
-    stored = (image.get("height"), image.get("width"))
-    return Transform(resolution, channels, stored != (resolution, resolution), preprocess)
-
-
-def resized_size(w: int, h: int, r: int) -> tuple[int, int]:
-    """Size after resizing the shorter side to r, rounding the other half up as DALI's `resize_shorter` does."""
-    return (r, int(h * r / w + 0.5)) if w <= h else (int(w * r / h + 0.5), r)
-
-
-def crop_box(w: int, h: int, r: int) -> tuple[int, int, int, int]:
-    """The centred r×r box; DALI's centre crop rounds an odd margin's start up."""
-    left, top = (w - r + 1) // 2, (h - r + 1) // 2
-    return left, top, left + r, top + r
-
-
-def decode_pil(data: bytes, t: Transform, flip: bool) -> np.ndarray:
-    """uint8 C×R×R. PIL's antialiased bilinear resize; DALI's linear antialiased resize differs by a level or two
-    on natural images (measured in tests/test_image_data.py); without resize both paths are bit-identical."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("L" if t.channels == 1 else "RGB")
-    r = t.resolution
-    if t.resize:
-        size = resized_size(*im.size, r)
-        im = im.resize(size, Image.BILINEAR).crop(crop_box(*size, r))
-    elif im.size != (r, r):
-        raise ValueError(f"image is {im.size[0]}x{im.size[1]}, the manifest promised {r}x{r}")
-    if flip:
-        im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    a = np.asarray(im)
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-
-
-def normalize(x: torch.Tensor, t: Transform) -> torch.Tensor:
-    """(x − mean) · (1/std) in float32, the arithmetic of DALI's `crop_mirror_normalize`."""
-    mean, std = t.mean_std
-    return (x.float() - mean) * np.float32(1.0 / std)
-
-
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def dequant_noise(seed: int, epoch: int, positions, dim: int) -> torch.Tensor:
-    """(U − ½)/256 per pixel (SPEC §7.5). U is counter-based (SplitMix64 of (seed, epoch, position, pixel)), so
-    it belongs to the sample's place in the order: resumable at any world size, ~25x cheaper than a generator
-    per sample, and independent of numpy's generator streams."""
-    key = np.zeros(1, np.uint64)
-    for word in (seed, epoch):
-        key = _mix64(key ^ _mix64(np.array([word], np.uint64) + _GAMMA))
-    idx = np.asarray(positions, np.uint64)[:, None] * np.uint64(dim) + np.arange(dim, dtype=np.uint64)
-    bits = _mix64(key + (idx + np.uint64(1)) * _GAMMA)
-    u = (bits >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
-    return (torch.from_numpy(u) - 0.5) / 256.0
-
-
-def logit_pixels(x01: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """NICE's input (SPEC §7.5): dequantise pixels in [0, 1], clamp to [1e-3, 1 − 1e-3], logit, flatten."""
-    p = (x01.flatten(1) + noise.to(x01.device)).clamp(1e-3, 1 - 1e-3)
-    return torch.log(p) - torch.log1p(-p)
-
-
-class Planned(NamedTuple):
-    """One rank batch of the plan: which samples, flipped or not, at which (epoch, position) of the order."""
-
-    epoch: int
-    offset: int
-    indices: np.ndarray
-    flips: np.ndarray
-    positions: np.ndarray
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The permutation of epoch `epoch` and a flip bit per position."""
-    rng = np.random.default_rng([seed, epoch])
-    return rng.permutation(n), rng.random(n) < 0.5
-
-
-def training_plan(n: int, batch: int, rank: int, world: int, seed: int, flip: bool, epoch: int,
-                  offset: int) -> Iterator[Planned]:
-    """Endless rank batches from (epoch, offset) on; a global batch that would run past the end starts the next
-    epoch (the remainder of each epoch is dropped)."""
-    global_batch, order = batch * world, None
-    while True:
-        if offset + global_batch > n:
-            epoch, offset = epoch + 1, 0
-        if order is None or order[0] != epoch:
-            order = (epoch, *epoch_order(seed, epoch, n))
-        pos = np.arange(offset + rank * batch, offset + (rank + 1) * batch)
-        flips = order[2][pos] if flip else np.zeros(batch, bool)
-        yield Planned(epoch, offset, order[1][pos], flips, pos)
-        offset += global_batch
-
-
-def split_plan(n: int, batch: int, rank: int, world: int) -> Iterator[Planned]:
-    """Rank r's contiguous part [N·r/W, N·(r+1)/W) in order, unflipped, in batches (the last may be short)."""
-    start, stop = n * rank // world, n * (rank + 1) // world
-    for lo in range(start, stop, batch):
-        pos = np.arange(lo, min(lo + batch, stop))
-        yield Planned(0, lo, pos, np.zeros(len(pos), bool), pos)
-
-
-def replacement_rows(bad: list[int], n: int) -> dict[int, int]:
-    """For `on_error="skip"`: each bad row is filled by the next good row (cyclically) of the same batch."""
-    bad_set = set(bad)
-    if len(bad_set) >= n:
-        raise RuntimeError(f"every one of the {n} samples of a batch failed to decode")
-    out = {}
-    for b in bad:
-        j = (b + 1) % n
-        while j in bad_set:
-            j = (j + 1) % n
-        out[b] = j
-    return out
-
-
-class _Decoded(torch.utils.data.Dataset):
-    """A map-style view for torch's DataLoader: item (sample index, flip) -> (uint8 image or None, error)."""
-
-    def __init__(self, shards: ShardSet, t: Transform):
-        self.shards, self.t = shards, t
-
-    def __getitem__(self, item):
-        i, flip = item
-        try:
-            return decode_pil(self.shards.image_bytes(i), self.t, flip), None
-        except Exception as e:  # noqa: BLE001 - reported with its key, counted by the stream
-            return None, f"{self.shards.where(i)}: {type(e).__name__}: {e}"
-
-
-def _collate(rows, shape):
-    images = np.zeros((len(rows), *shape), np.uint8)
-    errors = []
-    for k, (a, err) in enumerate(rows):
-        if err is None:
-            images[k] = a
-        else:
-            errors.append((k, err))
-    return torch.from_numpy(images), errors
-
-
-def _worker_init(_):
-    """A forked decoding worker: one thread, and never collect what it inherited from the parent.
-
-    The parent may hold NVIDIA DALI pipelines (or their garbage); a cyclic collection in the worker would run
-    their finalizers, which wait on DALI threads that do not exist after fork, and the worker hangs forever
-    (seen in a test: a PIL plugin import triggered the collection). Frozen objects are never collected.
-    """
-    gc.freeze()
-    torch.set_num_threads(1)
-
-
-class PilBatches:
-    """(normalised float32 batch, [(row, error)]) for each planned batch: PIL decoding in `workers` DataLoader
-    processes (0: in this process). Rows that failed are zeros here; the stream fills or raises."""
-
-    def __init__(self, shards: ShardSet, t: Transform, plan: Iterator[Planned], workers: int):
-        self.t = t
-        sampler = ([(int(i), bool(f)) for i, f in zip(p.indices, p.flips)] for p in plan)
-        if workers:
-            from PIL import Image
-
-            Image.init()  # import PIL's format plugins here, once, not in every forked worker
-            gc.collect()  # and fork without garbage that a worker could finalise
-        loader = torch.utils.data.DataLoader(
-            _Decoded(shards, t), batch_sampler=sampler, num_workers=workers,
-            collate_fn=partial(_collate, shape=t.shape), worker_init_fn=_worker_init if workers else None,
-            prefetch_factor=2 if workers else None)
-        self.it = iter(loader)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        images, errors = next(self.it)
-        return normalize(images, self.t), errors
-
-    def close(self) -> None:
-        shutdown = getattr(self.it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-        self.it = None
 
 
 def dali_available() -> bool:
