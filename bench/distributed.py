@@ -68,15 +68,13 @@ def interleaved_worker(steps: int, hidden: int, batch: int, zero: int) -> dict:
 
     from ddaebm import distributed
     from ddaebm.config import load_config
-    from ddaebm.training.deepspeed_engine import build_deepspeed_engines
     from ddaebm.training.trainer import Trainer
 
     torch.set_num_threads(1)
     base = [f"model.hidden={hidden}", f"data.batch={batch}"]
     distributed.init(distributed.discover(), "deepspeed", 300)
     trainers = {"torch": Trainer(load_config(CFG, base)),
-                "deepspeed": Trainer(load_config(CFG, base + ["dist.backend=deepspeed", f"dist.zero_stage={zero}"]),
-                                     engine_factory=build_deepspeed_engines)}
+                "deepspeed": Trainer(load_config(CFG, base + ["dist.backend=deepspeed", f"dist.zero_stage={zero}"]))}
     times: dict[str, list[float]] = {k: [] for k in trainers}
     for i in range(steps + steps // 4):
         for name, trainer in trainers.items():

@@ -87,17 +87,14 @@ class RandomImages:
 def check_training(backend: str, precision: str, batch: int, iters: int, extra=()) -> None:
     from ddaebm import distributed
     from ddaebm.config import load_config
-    from ddaebm.training.deepspeed_engine import build_deepspeed_engines
     from ddaebm.training.trainer import Trainer
 
     cfg = load_config("configs/cifar10.yaml", [f"data.batch={batch}", f"dist.backend={backend}", "dist.zero_stage=0",
                                                f"dist.precision={precision}", "dist.device=cuda", *extra])
     if backend == "deepspeed":
         distributed.init(distributed.discover(), "deepspeed", 600)
-        trainer = Trainer(cfg, engine_factory=build_deepspeed_engines)
-    else:
-        trainer = Trainer(cfg)
-    trainer._stream = RandomImages(trainer.data_shape, batch, trainer.device)
+    trainer = Trainer(cfg)
+    trainer._stream = RandomImages(trainer.model.data_shape, batch, trainer.device)
     torch.cuda.reset_peak_memory_stats()
     stats = trainer.train_step()  # warm-up (cuDNN autotuning, allocator)
     torch.cuda.synchronize()

@@ -84,7 +84,7 @@ def worker(args) -> dict:
                  f"train.threads={args.threads}", *VARIANTS[args.worker]]
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg)
-    trainer._stream = RandomImages(trainer.data_shape, args.batch)
+    trainer._stream = RandomImages(trainer.model.data_shape, args.batch)
     if args.worker.endswith("fir_depthwise"):  # the in-run baseline of the separable FIR taps: the 2-D depthwise form
         use_depthwise_fir(trainer)
     gflop = flops_of(trainer.train_step) / 1e9

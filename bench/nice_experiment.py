@@ -45,17 +45,16 @@ def save_exact(energy, path: Path, num: int = 64) -> None:
 def run_ddaebm(args, out: Path) -> None:
     from ddaebm.config import load_config
     from ddaebm.data.pixels import save_grid, to_uint8
-    from ddaebm.evaluate import generate
     from ddaebm.training.trainer import Trainer
 
     cfg = load_config("configs/mnist_nice.yaml", [f"data.root={args.shards}", f"train.threads={args.threads}",
                                                   *args.overrides])
     trainer = Trainer(cfg)
-    loop(args, out, "ddaebm", trainer.train_step, lambda: trainer.sampling_networks(cfg.eval.energy_ema)[1],
+    loop(args, out, "ddaebm", trainer.train_step, lambda: trainer.model.sampling_networks(cfg.eval.energy_ema)[1],
          lambda: trainer.step * cfg.data.batch)
-    _, energy = trainer.sampling_networks(cfg.eval.energy_ema)
+    _, energy = trainer.model.sampling_networks(cfg.eval.energy_ema)
     save_exact(energy, out / "exact-ddaebm.png")
-    save_grid(out / "generator-ddaebm.png", to_uint8(generate(trainer, 64, seed=0, batch=64), "logit"))
+    save_grid(out / "generator-ddaebm.png", to_uint8(trainer.model.generate(64, seed=0, batch=64), "logit"))
 
 
 def run_mle(args, out: Path) -> None:

@@ -3,7 +3,7 @@
     python bench/toy_step.py [--config configs/toy/25gaussians.yaml] [--iters 300] [--threads 1]
 
 Prints, for the project's trainer, for the same trainer with the toy fast path off ("generic": autograd through
-the toy networks, R1 by double backward; ddaebm/networks/toy_fused.py) and for a straightforward baseline of the same
+the toy networks, R1 by double backward; ddaebm/fastpath/) and for a straightforward baseline of the same
 math built in the same run (ATen's PReLU, the literal concatenated first layer, unfused Adam, R1 through autograd of
 the full conditional, toy data from Python loops as in the official code), the median time of one iteration after
 warm-up; these three run the reference's math (REFERENCE_MATH: ddaebm's NCE density term and energy base
@@ -35,7 +35,8 @@ from bench.common import flops_of  # noqa: E402
 from ddaebm.config import load_config  # noqa: E402
 from ddaebm.diffusion.schedule import log_transition  # noqa: E402
 from ddaebm.losses import draw_step_batch, generator_loss  # noqa: E402
-from ddaebm.networks import toy_fused  # noqa: E402
+from ddaebm.losses import GENERIC  # noqa: E402
+from ddaebm.training.perf import retain_freed_heap_memory  # noqa: E402
 from ddaebm.networks.layers import PReLU  # noqa: E402
 from ddaebm.networks.toy import BranchedInput  # noqa: E402
 from ddaebm.training.trainer import Trainer  # noqa: E402
@@ -123,9 +124,9 @@ REFERENCE_MATH = ["loss.nce_weight=0", "model.energy_base_std=0", "loss.step_pro
 def measure(which: str, config: str, iters: int, warmup: int) -> dict:
     """ms/it, FLOPs and peak RSS of one implementation, in this (fresh) process. All but "default" run the
     reference's math (REFERENCE_MATH)."""
-    trainer = Trainer(load_config(config, [] if which == "default" else REFERENCE_MATH))
-    if which == "generic":
-        toy_fused.enabled = False
+    retain_freed_heap_memory()  # as `ddaebm train` runs (training/perf.py)
+    cfg = load_config(config, [] if which == "default" else REFERENCE_MATH)
+    trainer = Trainer(cfg, objectives=GENERIC) if which == "generic" else Trainer(cfg)
     step = BaselineStep(trainer) if which == "baseline" else trainer.train_step
     flops = flops_of(step)
     ms, cpu_ms = median_ms(step, iters, warmup, cpu=True)

@@ -1,7 +1,8 @@
 """`ddaebm` command line: train, sample, density, eval, print-config.
 
-Bad input (unknown key, wrong type, missing file, a run dir without checkpoint) ends with a one-line
-`ddaebm: error: ...` on stderr, exit status 2, and nothing written.
+Bad input (unknown key, wrong type, missing file, a run dir without checkpoint: ddaebm.errors.BadInput) ends with
+a one-line `ddaebm: error: ...` on stderr, exit status 2, and nothing written; any other exception is a bug and
+keeps its traceback (exit 1).
 
 `train` runs on one process, or on every rank of a launcher with `dist.backend=deepspeed`:
     torchrun --nproc_per_node 2 -m ddaebm train CONFIG dist.backend=deepspeed [dist.zero_stage=1] [...]
@@ -16,7 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddaebm.config import ConfigError, load_config, to_yaml
+from ddaebm.config import load_config, to_yaml
+from ddaebm.errors import BadInput
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -24,6 +26,7 @@ EXIT_FAILED = 1
 
 def _train(args) -> int:
     from ddaebm import distributed
+    from ddaebm.launch import check_launch
     from ddaebm.training.loop import default_run_dir, prepare_run
 
     overrides = list(args.overrides)
@@ -33,11 +36,7 @@ def _train(args) -> int:
         overrides.append(f"train.seed={args.seed}")
     cfg = load_config(args.config, overrides)
     env = distributed.discover()
-    if cfg.data.batch % env.world:
-        raise ConfigError(f"data.batch={cfg.data.batch} is the global batch and must divide over the "
-                          f"{env.world} ranks (per-rank batch = data.batch / world)")
-    if cfg.dist.backend == "torch" and env.world > 1:
-        raise ConfigError(f"dist.backend=torch trains in one process; add dist.backend=deepspeed for {env.world} ranks")
+    check_launch(cfg, env.world)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     state = prepare_run(cfg, run_dir, args.resume, warn=env.lead)
     if env.lead:
@@ -48,7 +47,7 @@ def _train(args) -> int:
     try:
         distributed.init(env, cfg.dist.backend, cfg.dist.timeout_s)
         code = _train_here(cfg, run_dir, state, env, args.slice_steps)
-    except (ConfigError, ValueError) as err:  # e.g. fp16 on a device without it: bad input, one line
+    except BadInput as err:  # e.g. fp16 on a device without it: bad input, one line
         print(f"ddaebm: error: {err}", file=sys.stderr)
         distributed.abort(EXIT_USAGE)
     except BaseException:  # noqa: BLE001 - a dead peer, a timeout, Ctrl-C: leave now, do not wait for others
@@ -77,16 +76,16 @@ def _train_here(cfg, run_dir, state, env, slice_steps) -> int:
 def _output_path(path: str, suffix: str) -> Path:
     out = Path(path)
     if out.suffix != suffix:
-        raise ConfigError(f"--out {path}: expected a {suffix} file")
+        raise BadInput(f"--out {path}: expected a {suffix} file")
     if not out.parent.is_dir():
-        raise ConfigError(f"--out {path}: folder {out.parent} does not exist")
+        raise BadInput(f"--out {path}: folder {out.parent} does not exist")
     return out
 
 
 def _run_dir(path: str) -> Path:
     run_dir = Path(path)
     if not run_dir.is_dir():
-        raise ConfigError(f"run dir {path} does not exist")
+        raise BadInput(f"run dir {path} does not exist")
     return run_dir
 
 
@@ -94,25 +93,25 @@ def _sample(args) -> int:
     import numpy as np
 
     from ddaebm.data.stream import is_toy
-    from ddaebm.evaluate import generate, trainer_from_run
+    from ddaebm.model import Model
 
     if args.num < 1 or args.batch < 1:
-        raise ConfigError(f"--num and --batch must be ≥ 1, got {args.num} and {args.batch}")
+        raise BadInput(f"--num and --batch must be ≥ 1, got {args.num} and {args.batch}")
     run_dir = _run_dir(args.run_dir)
     out = Path(args.out)
     if not out.parent.is_dir():  # checked before the (slow) restore: bad input fails at once
-        raise ConfigError(f"--out {args.out}: folder {out.parent} does not exist")
-    trainer = trainer_from_run(run_dir)
-    if not is_toy(trainer.cfg):
-        return _sample_images(trainer, args)
+        raise BadInput(f"--out {args.out}: folder {out.parent} does not exist")
+    model = Model.from_run(run_dir)
+    if not is_toy(model.cfg):
+        return _sample_images(model, args)
     out = _output_path(args.out, ".npy")
-    x = generate(trainer, args.num, args.seed, refine=args.refine, use_ema=False if args.raw else None)
+    x = model.generate(args.num, args.seed, args.refine, use_ema=False if args.raw else None)
     np.save(out, x.cpu().numpy())
-    print(f"wrote {args.num} samples (step {trainer.step}{', refined' if args.refine else ''}) to {out}")
+    print(f"wrote {args.num} samples (step {model.step}{', refined' if args.refine else ''}) to {out}")
     return 0
 
 
-def _sample_images(trainer, args) -> int:
+def _sample_images(model, args) -> int:
     """Image samples into the folder --out: .npz batches of uint8 NHWC images with their indices, grid.png.
 
     Under a launcher (torchrun, srun) each rank takes a contiguous block of the indices 0..num−1; sample i comes
@@ -122,27 +121,26 @@ def _sample_images(trainer, args) -> int:
 
     from ddaebm import distributed
     from ddaebm.data.pixels import save_grid, to_uint8
-    from ddaebm.evaluate import generate
     from ddaebm.fsio import write_atomic_bytes
 
     out = Path(args.out)
     if out.suffix or not out.parent.is_dir():
-        raise ConfigError(f"--out {args.out}: image samples go into a folder (its parent must exist)")
+        raise BadInput(f"--out {args.out}: image samples go into a folder (its parent must exist)")
     out.mkdir(exist_ok=True)
     env = distributed.discover()
     start, stop = env.rank * args.num // env.world, (env.rank + 1) * args.num // env.world
     use_ema = False if args.raw else None
-    prep = trainer.cfg.data.preprocess
+    prep = model.cfg.data.preprocess
     for lo in range(start, stop, args.batch):
         idx = list(range(lo, min(lo + args.batch, stop)))
-        x = generate(trainer, len(idx), args.seed, refine=args.refine, use_ema=use_ema, indices=idx, batch=len(idx))
+        x = model.generate(len(idx), args.seed, args.refine, use_ema=use_ema, indices=idx, batch=len(idx))
         write_atomic_bytes(out / f"samples-{idx[0]:07d}-{idx[-1] + 1:07d}.npz",
                            _npz_bytes(images=to_uint8(x, prep), indices=np.asarray(idx, dtype=np.int64)))
     if env.lead:
         grid = list(range(min(64, args.num)))
-        x = generate(trainer, len(grid), args.seed, refine=args.refine, use_ema=use_ema, indices=grid)
+        x = model.generate(len(grid), args.seed, args.refine, use_ema=use_ema, indices=grid)
         save_grid(out / "grid.png", to_uint8(x, prep))
-    print(f"rank {env.rank}/{env.world}: wrote samples {start}..{stop - 1} (step {trainer.step}"
+    print(f"rank {env.rank}/{env.world}: wrote samples {start}..{stop - 1} (step {model.step}"
           f"{', refined' if args.refine else ''}) to {out}", flush=True)
     return 0
 
@@ -160,31 +158,18 @@ def _npz_bytes(**arrays) -> bytes:
 def _density(args) -> int:
     import numpy as np
 
+    from ddaebm.model import Model
     from ddaebm.plots import save_density
-    from ddaebm.evaluate import density, trainer_from_run
 
     lo, hi = args.range
     if args.grid < 2 or not lo < hi:
-        raise ConfigError(f"--grid must be ≥ 2 and LO < HI, got --grid {args.grid} --range {lo} {hi}")
+        raise BadInput(f"--grid must be ≥ 2 and LO < HI, got --grid {args.grid} --range {lo} {hi}")
     out = _output_path(args.out, ".npy")
-    trainer = trainer_from_run(_run_dir(args.run_dir))
-    _, f = density(trainer, args.grid, lo, hi, use_ema=False if args.raw else None)
+    model = Model.from_run(_run_dir(args.run_dir))
+    _, f = model.density(args.grid, lo, hi, use_ema=False if args.raw else None)
     np.save(out, f)
-    save_density(out.with_suffix(".png"), f, lo, hi, f"exp f(x, 0), step {trainer.step}")
+    save_density(out.with_suffix(".png"), f, lo, hi, f"exp f(x, 0), step {model.step}")
     print(f"wrote f(x, 0) on a {args.grid}x{args.grid} grid over [{lo}, {hi}]² to {out} and {out.with_suffix('.png')}")
-    return 0
-
-
-def _eval(args) -> int:
-    from ddaebm.evaluate import evaluate_toy, trainer_from_run
-
-    run_dir = _run_dir(args.run_dir)
-    lo, hi = args.range if args.range else (None, None)
-    trainer = trainer_from_run(run_dir)
-    row = evaluate_toy(trainer, run_dir, args.num, args.grid, lo, hi, args.seed)
-    width = max(len(k) for k in row)
-    for key, value in row.items():
-        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     return 0
 
 
@@ -230,16 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="metrics of a trained run")
     esub = e.add_subparsers(dest="kind", required=True)
-    et = esub.add_parser("toy", help="modes, 3σ fraction, MMD², sliced W1, grid KL/TV (ddaebm/metrics/toy.py)")
-    et.add_argument("run_dir")
-    et.add_argument("--num", type=int, help="samples (default eval.num_samples)")
-    et.add_argument("--grid", type=int, help="density grid (default eval.grid)")
-    et.add_argument("--range", type=float, nargs=2, metavar=("LO", "HI"))
-    et.add_argument("--seed", type=int, default=0)
-    et.set_defaults(fn=_eval)
-    from ddaebm.metrics.commands import add_eval_parsers
+    from ddaebm.evaluation.parsers import add_eval_parsers
 
-    add_eval_parsers(esub)  # fid, is, ood, modes, nll (ddaebm/metrics/commands.py)
+    add_eval_parsers(esub)  # toy, fid, is, ood, modes, nll (ddaebm/evaluation/)
 
     c = sub.add_parser("print-config", help="the resolved, typed config",
                        usage="ddaebm print-config CONFIG [key=value ...]")
@@ -249,8 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ddaebm.training.checkpoint import CheckpointError
-
     parser = build_parser()
     # key=value overrides may come anywhere after the config (argparse cannot mix them with subcommands).
     args, extra = parser.parse_known_args(argv)
@@ -260,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     try:
         return args.fn(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except BadInput as err:  # anything else is a bug or a failure, and keeps its traceback (exit 1)
         print(f"ddaebm: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -16,8 +16,10 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ddaebm.errors import BadInput
 
-class ConfigError(ValueError):
+
+class ConfigError(BadInput):
     """A config that cannot be used; the message names the file or key at fault."""
 
 
@@ -201,6 +203,13 @@ class TrainConfig:
     max_nonfinite: int = 10
     """Stop the run after this many consecutive iterations with a NaN/Inf loss (each one is skipped and
     counted); the last good checkpoint is kept. 0: never stop."""
+    fast_path: str = "auto"
+    """'auto': the toy MLPs train through hand-written passes (ddaebm/fastpath: the same math, ~1.5x faster on a
+    CPU) wherever the config is one they implement (the start-of-run line says which path and why); 'off': plain
+    autograd everywhere. Either way the losses agree to float32 rounding."""
+    fast_products: str = "auto"
+    """Kernel of the fast path's hidden × hidden products on a CPU: 'onednn', 'aten' (MKL), or 'auto' (ATen on
+    Intel CPUs, oneDNN elsewhere: the faster on each, bench/README.md). Changes rounding, not math."""
 
 
 @dataclass
@@ -284,6 +293,8 @@ CHOICES = {
     "dist.backend": ("torch", "deepspeed"),
     "dist.zero_stage": (0, 1, 2),
     "dist.precision": ("fp32", "bf16", "fp16"),
+    "train.fast_path": ("auto", "off"),
+    "train.fast_products": ("auto", "onednn", "aten"),
 }
 
 # Keys that may change when a run resumes without making it a different experiment. The world size is no key
@@ -291,6 +302,7 @@ CHOICES = {
 # the non-finite budget are operational. Backend, ZeRO stage, precision and clipping change the run: not here.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.snapshot_every", "train.ckpt_every",
                      "train.keep_ckpts", "train.threads", "train.eval_at_end", "train.max_nonfinite",
+                     "train.fast_path", "train.fast_products",
                      "dist.timeout_s", "dist.device", "data.root", "data.loader", "data.workers", "eval", "sample")
 
 

@@ -64,6 +64,18 @@ def discover(environ=None) -> DistEnv:
     return env
 
 
+def resolve_device(name: str) -> torch.device:
+    """dist.device: 'auto' is this rank's GPU (LOCAL_RANK) when CUDA is available, else the CPU; 'cuda' needs
+    CUDA (the launch check refuses it before training, ddaebm/launch.py)."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from ddaebm.errors import BadInput
+
+        raise BadInput("dist.device=cuda but CUDA is not available here; use dist.device=auto or cpu")
+    return torch.device("cuda", discover().local_rank)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,6 @@ from torch import nn
 from ddaebm.config import LossConfig
 from ddaebm.diffusion.schedule import (Schedule, diffuse_pair, importance_weight, log_transition,
                                        posterior_mean, posterior_sample, transition_score)
-from ddaebm.networks import toy_fused
 
 
 @dataclass(frozen=True)
@@ -55,27 +55,33 @@ class StepBatch:
     enc_noise: torch.Tensor  # ε of the encoder's reparameterised z_E
     nce_noise: torch.Tensor | None = None  # per row, N(0, nce_std²·I): the NCE contrast of the rows at k = 0
     # (x_fake, ∂x̃_k/∂x0_fake per row) as draw_step_batch made them: the posterior mean's coefficient at the
-    # draw's k, for an objective that runs the generator pass's backward itself (toy_losses.generator_loss);
+    # draw's k, for an objective that runs the generator pass's backward itself (the toy fast path's);
     # it holds only while x_fake is that tensor
     fake_link: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+def module_forward(generator: nn.Module, x_k1: torch.Tensor, k: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """G(x_{k+1}, k, z) through the module itself."""
+    return generator(x_k1, k, z)
+
+
 def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: Terms, nz: int,
                     rng: torch.Generator, rank: int = 0, world: int = 1, nce_std: float | None = None,
-                    step_probs: list[float] | None = None) -> StepBatch:
+                    step_probs: list[float] | None = None, forward: Callable = module_forward) -> StepBatch:
     """Draw k, the real pair and the generator's fake x̃_k for one iteration (SPEC §1.5, §3, §5).
 
     x0 is this rank's slice of a global batch of world·len(x0) rows. Every rank draws k and the noises for the
     whole global batch (the same generator state everywhere) and keeps its rows, so a run is the same at any
     world size and resumes exactly on another one. `nce_std`: also draw the NCE noise (loss.nce_weight > 0).
-    `step_probs`: how often each k is drawn (loss.step_probs); None: uniform.
+    `step_probs`: how often each k is drawn (loss.step_probs); None: uniform. `forward(generator, x_{k+1}, k, z)`
+    runs the generator (Objectives.generator_forward).
     """
     k, x_k, x_k1, z, posterior_noise = draw_generator_inputs(x0, s, terms.latent, nz, rng, rank, world, step_probs)
     n, dev = x0.shape[0], rng.device
     total, rows = n * world, slice(rank * n, (rank + 1) * n)
     enc_noise = torch.randn((total, nz), generator=rng, device=dev)[rows]
     nce = None if nce_std is None else nce_std * torch.randn((total, *x0.shape[1:]), generator=rng, device=dev)[rows]
-    x0_fake = generator(x_k1, k, z)
+    x0_fake = forward(generator, x_k1, k, z)
     x_fake = posterior_sample(s, x0_fake, x_k1, k, posterior_noise)
     return StepBatch(k=k, x_k=x_k.requires_grad_(True), x_k1=x_k1, z=z, x0_fake=x0_fake, x_fake=x_fake,
                      enc_noise=enc_noise, nce_noise=nce, fake_link=(x_fake, s.post_c1[k]))
@@ -166,10 +172,6 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
     Real and fake take separate passes: in one pass of 2B, the R1 double backward would also run over the
     fake half (measured: +13% FLOPs per iteration).
     """
-    if toy_fused.energy_supported(energy, b.x_k):  # the toy MLP: the same, R1's gradient in closed form
-        from ddaebm import toy_losses
-
-        return toy_losses.energy_loss(energy, s, b, cfg, with_r1, r1_scale)
     f_real = energy(b.x_k, b.k)
     f_fake = energy(b.x_fake.detach(), b.k)
     loss = -f_real.mean() + cfg.fake_weight * f_fake.mean()
@@ -194,10 +196,6 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
 
 def lazy_r1_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
     """The R1 penalty alone, scaled by its interval (StyleGAN2's lazy regularisation)."""
-    if toy_fused.energy_supported(energy, b.x_k):
-        from ddaebm import toy_losses
-
-        return toy_losses.lazy_r1_loss(energy, s, b, cfg)
     f_real = energy(b.x_k, b.k)
     r1 = r1_penalty(energy, s, b, f_real, cfg, scale=float(cfg.r1_interval))
     return r1, {"r1_lazy": r1.detach()}
@@ -231,15 +229,8 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
 def generator_loss(energy: nn.Module, gen_enc: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig,
                    terms: Terms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_G = −E_F + L_lat + L_rec + L_KL (SPEC §5), with the terms `terms` switches on."""
-    from ddaebm import toy_losses
-
-    if toy_losses.generator_supported(energy, gen_enc, b, cfg, terms):  # the toy MLPs: one node, same gradients
-        return toy_losses.generator_loss(energy, gen_enc, s, b, cfg)
     x_k = b.x_k.detach()
-    if toy_fused.energy_supported(energy, b.x_fake) and not any(p.requires_grad for p in toy_fused.spec(energy).params):
-        f_fake = toy_fused.energy_value(energy, b.x_fake, b.k)  # one autograd node, backward to x̃_k only
-    else:
-        f_fake = energy(b.x_fake, b.k)
+    f_fake = energy(b.x_fake, b.k)
     e_f = (f_fake + log_transition(s, b.x_fake, b.x_k1, b.k)).mean()
     loss = -e_f
     stats = {"E_F": e_f.detach()}
@@ -276,3 +267,20 @@ def recon_loss(gen_enc: nn.Module, s: Schedule, b: StepBatch, x_k: torch.Tensor,
     nll = _gaussian_nll(x_k, mean, recon_variance(s, b.k, cfg))
     w = importance_weight(s.t[b.k + 1], cfg.iw_alpha, cfg.iw_beta)
     return (w * nll).mean()
+
+
+@dataclass(frozen=True)
+class Objectives:
+    """The functions one training iteration calls: how the StepBatch's fake is drawn, and the three losses.
+
+    GENERIC below is the definition (plain autograd, any network); ddaebm/fastpath offers the same functions
+    for the toy MLPs, and the trainer picks one set once, before training (train.fast_path)."""
+
+    name: str
+    generator_forward: Callable = module_forward
+    energy_loss: Callable = energy_loss
+    lazy_r1_loss: Callable = lazy_r1_loss
+    generator_loss: Callable = generator_loss
+
+
+GENERIC = Objectives("generic")

@@ -51,14 +51,13 @@ def test_density_grid_orientation(tmp_path, cli_env):
     import torch
 
     from ddaebm.config import load_config
-    from ddaebm.evaluate import density
-    from ddaebm.training.trainer import Trainer
+    from ddaebm.model import Model
 
-    trainer = Trainer(load_config(CFG, TINY))
-    side, f = density(trainer, 5, -1.0, 1.0)
+    model = Model(load_config(CFG, TINY))
+    side, f = model.density(5, -1.0, 1.0)
     with torch.no_grad():
         pts = torch.tensor([[side[3], side[1]], [side[1], side[3]]], dtype=torch.float32)
-        direct = trainer.energy(pts, torch.zeros(2, dtype=torch.long)).tolist()
+        direct = model.energy(pts, torch.zeros(2, dtype=torch.long)).tolist()
     assert abs(direct[0] - direct[1]) > 1e-5  # the test can tell the two orientations apart
     assert f[1, 3] == pytest.approx(direct[0], rel=1e-5)
 

@@ -145,16 +145,16 @@ def test_fid_same_on_one_and_two_ranks(runs):
 
 def test_nll_on_a_tiny_nice_run(runs, capsys):
     from ddaebm.data.images import iterate_split
-    from ddaebm.evaluate import trainer_from_run
+    from ddaebm.model import Model
 
     d, run = runs, runs / "nice"
     _ok(_main(["eval", "nll", run, "--num", "100", "--batch", "32", "--seed", "3", "--exact-num", "16"], capsys))
     (row,) = _rows(run, "nll")
     assert row["num"] == 100 and (run / "exact.png").is_file()
-    trainer = trainer_from_run(run)
+    model = Model.from_run(run)
     x = torch.cat([b for b, _ in iterate_split(d / "mn", "mnist", "test", 128, 28, 1, "logit", "pil", 0, seed=3)])
     with torch.no_grad():
-        f = trainer.energy(x[:100], torch.zeros(100, dtype=torch.long)).double()
+        f = model.energy(x[:100], torch.zeros(100, dtype=torch.long)).double()
     assert row["ll_logit_nats"] == pytest.approx(f.mean().item(), rel=1e-6)
     assert row["bpd_logit"] == pytest.approx(-row["ll_logit_nats"] / (784 * np.log(2)))
     assert row["ll_pixel_nats"] > row["ll_logit_nats"]  # the logit map stretches (0, 1): its Jacobian is > 1

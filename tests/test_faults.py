@@ -11,7 +11,7 @@ import torch
 from ddaebm.config import load_config
 from ddaebm.distributed import DistEnv, _first_host, discover
 from ddaebm.losses import draw_step_batch
-from ddaebm.training.checkpoint import CheckpointWarning, latest_checkpoint
+from ddaebm.checkpoint import CheckpointWarning, latest_checkpoint
 from ddaebm.training.loop import prepare_run, train
 from ddaebm.training.preemption import EXIT_PREEMPTED, NonFiniteStop
 from ddaebm.training.trainer import Phase, Trainer
@@ -141,10 +141,10 @@ def test_batch_that_does_not_divide_is_a_clear_error(tmp_path):
 
 def test_sampling_skips_a_corrupted_newest_checkpoint(tmp_path):
     """sample/density/eval restore by the same rule as resume."""
-    from ddaebm.evaluate import trainer_from_run
+    from ddaebm.model import Model
 
     train(_cfg(8), tmp_path / "run")
     state = tmp_path / "run" / "checkpoints" / "step-000000008" / "state.pt"
     state.write_bytes(state.read_bytes()[:100])
     with pytest.warns(CheckpointWarning):
-        assert trainer_from_run(tmp_path / "run").step == 4
+        assert Model.from_run(tmp_path / "run").step == 4

@@ -80,17 +80,17 @@ def test_r1_penalty_matches_autograd_of_full_conditional():
 def test_r1_gamma_per_step(fused):
     """loss.r1_gamma_scale prices each row's penalty at r1_gamma times its step's factor: factors of 1 are r1_gamma
     alone, and a step priced 0 contributes nothing."""
-    from ddaebm.networks import toy_fused
+    from ddaebm.fastpath import objectives
 
     energy, _, _, b = _setup()
     x = b.x_k.detach().clone().requires_grad_(True)
     (g,) = torch.autograd.grad((energy(x, b.k) + log_transition(SCHEDULE, x, b.x_k1, b.k)).sum(), x)
     gammas = torch.tensor([0.3, 0.0, 0.02, 0.1])
-    with (torch.enable_grad() if fused else toy_fused.disabled()):
-        _, uniform = energy_loss(energy, SCHEDULE, b, LossConfig(r1_gamma=0.3, r1_gamma_scale=[1.0] * 4))
-        _, scalar = energy_loss(energy, SCHEDULE, b, LossConfig(r1_gamma=0.3))
-        _, steps = energy_loss(energy, SCHEDULE, b, LossConfig(r1_gamma=0.1, r1_gamma_scale=(gammas / 0.1).tolist()))
-        _, off = energy_loss(energy, SCHEDULE, b, LossConfig(r1_gamma=0.3, r1_gamma_scale=[0.0] * 4))
+    loss = objectives.energy_loss if fused else energy_loss
+    _, uniform = loss(energy, SCHEDULE, b, LossConfig(r1_gamma=0.3, r1_gamma_scale=[1.0] * 4))
+    _, scalar = loss(energy, SCHEDULE, b, LossConfig(r1_gamma=0.3))
+    _, steps = loss(energy, SCHEDULE, b, LossConfig(r1_gamma=0.1, r1_gamma_scale=(gammas / 0.1).tolist()))
+    _, off = loss(energy, SCHEDULE, b, LossConfig(r1_gamma=0.3, r1_gamma_scale=[0.0] * 4))
     assert uniform["r1"].item() == pytest.approx(scalar["r1"].item(), rel=1e-5)
     expected = (0.5 * gammas[b.k] * g.pow(2).sum(1)).mean()
     assert steps["r1"].item() == pytest.approx(expected.item(), rel=1e-5)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ddaebm.config import ConfigError, load_config
-from ddaebm.training.checkpoint import complete_checkpoints, latest_checkpoint
+from ddaebm.checkpoint import complete_checkpoints, latest_checkpoint
 from ddaebm.training.loop import prepare_run, train
 from tests.conftest import CONFIGS, TINY
 

@@ -86,26 +86,25 @@ def _toy_trainer(*overrides):
 def test_sampling_generator_recomputes_statistics_reproducibly_and_leaves_training_alone():
     t = _toy_trainer("sample.precise_bn_batches=4")
     stream, rng = t.stream.state_dict()["rng"].clone(), t.rng.get_state().clone()
-    a = t.sampling_generator(True)
-    assert t.sampling_generator(True) is a  # kept while the EMA generator is unchanged
-    t._precise_bn = None
-    b = t.sampling_generator(True)  # recomputed: the same statistics
+    a = t.model.sampling_generator(True)
+    assert t.model.sampling_generator(True) is a  # kept while the EMA generator is unchanged
+    t.model._precise_bn = None
+    b = t.model.sampling_generator(True)  # recomputed: the same statistics
     ema = t.ema.shadow["generator"].generator
     assert a is not ema and b is not a
     for x, y, z in zip(batch_norms(a), batch_norms(b), batch_norms(ema)):
         assert torch.equal(x.running_mean, y.running_mean) and torch.equal(x.running_var, y.running_var)
         assert not torch.equal(x.running_mean, z.running_mean)
     assert torch.equal(t.stream.state_dict()["rng"], stream) and torch.equal(t.rng.get_state(), rng)
-    from ddaebm.evaluate import generate
 
-    assert torch.equal(generate(t, 64, seed=3), generate(t, 64, seed=3))  # samples of a run are reproducible
+    assert torch.equal(t.model.generate(64, seed=3), t.model.generate(64, seed=3))  # samples of a run are reproducible
     t.train_step()  # the EMA moves: recomputed
-    c = t.sampling_generator(True)
+    c = t.model.sampling_generator(True)
     assert c is not b and not torch.equal(batch_norms(c)[0].running_mean, batch_norms(b)[0].running_mean)
     t.load_state_dict(t.state_dict())  # a load counts as a change too
-    assert t.sampling_generator(True) is not c
+    assert t.model.sampling_generator(True) is not c
     off = _toy_trainer("sample.precise_bn_batches=0")
-    assert off.sampling_generator(True) is off.ema.shadow["generator"].generator
-    assert off.sampling_generator(False) is off.gen_enc.generator
+    assert off.model.sampling_generator(True) is off.ema.shadow["generator"].generator
+    assert off.model.sampling_generator(False) is off.gen_enc.generator
     train_mode = _toy_trainer("model.sample_bn_mode=train")
-    assert train_mode.sampling_generator(True) is train_mode.ema.shadow["generator"].generator
+    assert train_mode.model.sampling_generator(True) is train_mode.ema.shadow["generator"].generator

@@ -9,7 +9,6 @@ import torch
 from ddaebm.config import load_config
 from ddaebm.data.toy import sample_toy, toy_modes
 from ddaebm.metrics.toy import mode_stats
-from ddaebm.evaluate import generate
 from ddaebm.training.loop import train
 from tests.conftest import CONFIGS
 
@@ -22,7 +21,7 @@ def test_toy_training_finds_the_modes(tmp_path):
     trainer = train(cfg, tmp_path / "run")
     # Measured on this configuration: 22-23 of 25 modes, 0.25 within 3σ, an energy gap of ~26 nats; an untrained
     # generator puts everything on one or two modes. The bounds leave room for another CPU's arithmetic.
-    end = mode_stats(generate(trainer, 2500, seed=1).numpy(), centres.numpy(), std)
+    end = mode_stats(trainer.model.generate(2500, seed=1).numpy(), centres.numpy(), std)
     assert end["modes_covered"] >= 18 and end["frac_within_3sigma"] > 0.15, end
     # The energy at k = 0 ranks data above uniform points of the plot's square.
     data = sample_toy("25gaussians", 2000, torch.Generator().manual_seed(2))

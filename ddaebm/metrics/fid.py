@@ -236,40 +236,39 @@ def rank_block(num: int) -> range:
     return range(num * rank // world, num * (rank + 1) // world)
 
 
-def generated_images(trainer, num: int, seed: int, batch: int, refine: bool = False,
+def generated_images(model, num: int, seed: int, batch: int, refine: bool = False,
                      use_ema: bool | None = None) -> Iterator[tuple[list[int], np.ndarray]]:
     """(indices, uint8 [B, H, W, C]) over this rank's block of samples 0..num−1, sample i from its own seed."""
     from ddaebm.data.pixels import to_uint8
-    from ddaebm.evaluate import generate
 
     block = rank_block(num)
     for lo in range(block.start, block.stop, batch):
         idx = list(range(lo, min(lo + batch, block.stop)))
-        x = generate(trainer, len(idx), seed, refine=refine, use_ema=use_ema, indices=idx, batch=len(idx))
-        yield idx, to_uint8(x, trainer.cfg.data.preprocess)
+        x = model.generate(len(idx), seed, refine, use_ema=use_ema, indices=idx, batch=len(idx))
+        yield idx, to_uint8(x, model.cfg.data.preprocess)
 
 
-def fid_of_model(trainer, ref_stats: FIDStats, num: int, batch: int, seed: int = 0, extractor=None,
+def fid_of_model(model, ref_stats: FIDStats, num: int, batch: int, seed: int = 0, extractor=None,
                  refine: bool = False, use_ema: bool | None = None) -> float:
     """FID of `num` samples of the model against `ref_stats`; all ranks call it (each generates its block) and
-    all get the value. `extractor` defaults to the TF-Inception FID weights on the trainer's device (loading them
-    takes ~0.5 s: pass one in for repeated in-loop use)."""
+    all get the value; `model` is a ddaebm.model.Model. `extractor` defaults to the TF-Inception FID weights on
+    the model's device (loading them takes a moment: pass one in for repeated in-loop use)."""
     from ddaebm.metrics.inception import FeatureExtractor
 
-    extractor = extractor or FeatureExtractor(device=trainer.device)
+    extractor = extractor or FeatureExtractor(device=model.device)
     moments = empty_moments(extractor)
-    with eval_mode(trainer):
-        for _, images in generated_images(trainer, num, seed, batch, refine, use_ema):
+    with eval_mode(model):
+        for _, images in generated_images(model, num, seed, batch, refine, use_ema):
             moments.add(extractor(images))
     return fid_from_stats(moments.reduce().stats(), ref_stats)
 
 
 @contextlib.contextmanager
-def eval_mode(trainer):
-    """The networks in eval mode (no dropout) for the duration, the previous modes restored afterwards."""
+def eval_mode(model):
+    """The model's networks in eval mode (no dropout) for the duration, the previous modes restored afterwards."""
     from ddaebm.sampling import bn_mode
 
     with contextlib.ExitStack() as stack:
-        for m in {id(m): m for m in [*trainer.modules.values(), *trainer.sampling_networks(True)]}.values():
+        for m in {id(m): m for m in [*model.networks.values(), *model.sampling_networks(True)]}.values():
             stack.enter_context(bn_mode(m, False))
-        yield trainer
+        yield model

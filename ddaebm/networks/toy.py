@@ -110,11 +110,6 @@ class _ConditionalMLP(nn.Module):
         self.decoder = nn.Sequential(*layers)
 
     def forward(self, inputs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        from ddaebm.networks import toy_fused  # imports this module
-
-        # The same function as one autograd node with a written-out backward (first derivatives only).
-        if toy_fused.mlp_supported(self, inputs):
-            return toy_fused.conditional_mlp(self, inputs, k)
         return self.decoder(self.input(inputs, k))
 
 

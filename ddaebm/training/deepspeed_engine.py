@@ -1,4 +1,4 @@
-"""The DeepSpeed backend: one DeepSpeed engine per player, behind TorchEngine's surface.
+"""The DeepSpeed backend: one DeepSpeed engine per player, implementing ddaebm/training/engine.py's Engine.
 
 Imported only when `dist.backend=deepspeed`, so the single-process path never loads DeepSpeed. The losses call
 the networks directly (`engine.module(x)`, never `engine(x)`): the R1 penalty differentiates the energy with
@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from ddaebm import distributed
-from ddaebm.config import DistConfig, OptimConfig
-from ddaebm.training.engine import adam, fast_adam_steps
+from ddaebm.config import Config, DistConfig, OptimConfig
+from ddaebm.errors import BadInput
+from ddaebm.training.engine import ENGINE_NAMES, adam
+from ddaebm.training.perf import drop_forward_hooks, fast_adam_steps
 from ddaebm.training.precision import autocast_bf16, keep_losses_in_fp32
 from ddaebm.training.reduce import build_reducer, reduce_gradients_and_flags
 
@@ -41,27 +43,9 @@ def ds_config(d: DistConfig, micro_batch: int, load_universal: bool) -> dict:
     return cfg
 
 
-def drop_forward_hooks(engine) -> None:
-    """Remove the forward pre/post hooks DeepSpeed puts on the module it wraps.
-
-    The losses call `engine.module(x)` (module docstring), so the hooks run on every network call, where in the
-    configurations built here (ZeRO ≤ 2, no flops profiler, no fp16 input casting) they only start and stop
-    DeepSpeed's throughput and wall-clock timers. Their presence also keeps the toy networks off their
-    hand-written passes (ddaebm/networks/toy_fused.py takes those only for hook-free modules). Left in place for
-    any configuration where they do more.
-    """
-    if (engine.zero_optimization_partition_weights() or engine.flops_profiler_enabled()
-            or engine.fp16_auto_cast()):
-        return
-    for name in ("module_forward_pre_hook", "module_forward_post_hook"):
-        handle = getattr(engine, name, None)
-        if handle is not None:
-            handle.remove()
-            setattr(engine, name, None)
-
-
 class DeepSpeedEngine:
-    """A network in a DeepSpeed engine with TorchEngine's surface, plus save/load to a checkpoint folder."""
+    """A network in a DeepSpeed engine. Its optimizer state (ZeRO shards) lives in `save`'s folder, state.pt gets
+    the fp32 weights for sampling and evaluation."""
 
     def __init__(self, module: nn.Module, lr: float, o: OptimConfig, d: DistConfig, micro_batch: int,
                  load_universal: bool = False, reducer=None):
@@ -71,7 +55,7 @@ class DeepSpeedEngine:
         from deepspeed.accelerator import get_accelerator
 
         if d.precision == "fp16" and not get_accelerator().is_fp16_supported():
-            raise ValueError("dist.precision=fp16: this device has no fp16 support in DeepSpeed; use bf16 or fp32")
+            raise BadInput("dist.precision=fp16: this device has no fp16 support in DeepSpeed; use bf16 or fp32")
         params = [p for p in module.parameters() if p.requires_grad]
         client = adam(params, lr, o)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=client,
@@ -79,7 +63,7 @@ class DeepSpeedEngine:
         drop_forward_hooks(self.engine)
         if self.engine.optimizer is client:  # ZeRO 0 wraps nothing: DeepSpeed calls our optimizer's step itself
             fast_adam_steps(client)
-        self.params, self.reducer = params, reducer
+        self.params, self.reducer, self.load_universal = params, reducer, load_universal
         if d.zero_stage == 0 and (reducer is not None or self.engine.world_size == 1):
             # Ours instead, or none at all: on one rank DeepSpeed would still flatten every gradient into a
             # buffer, all-reduce it with itself and copy it back.
@@ -125,8 +109,10 @@ class DeepSpeedEngine:
         """Collective: every rank writes its part (ZeRO shards) under `folder`."""
         self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
 
-    def load(self, folder: Path, universal: bool = False) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag=UNIVERSAL_TAG if universal else TAG,
+    def load(self, folder: Path) -> None:
+        """Collective: the engine's shards, or the universal conversion of them when the world size changed."""
+        tag = UNIVERSAL_TAG if self.load_universal else TAG
+        path, _ = self.engine.load_checkpoint(str(folder), tag=tag,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load its checkpoint from {folder}")
@@ -151,14 +137,29 @@ def convert_to_universal(folder: Path) -> None:
     tmp.replace(out)
 
 
-def build_deepspeed_engines(t, load_universal: bool = False) -> dict[str, DeepSpeedEngine]:
-    """Trainer engine_factory: the energy engine and the generator+encoder engine."""
-    o, d = t.cfg.optim, t.cfg.dist
-    micro = t.cfg.data.batch // t.world
+def needs_universal(cfg: Config, resume_state: dict | None, world: int) -> bool:
+    """Whether resuming `resume_state` needs its ZeRO shards converted: ZeRO 1/2 written at another world size."""
+    return resume_state is not None and cfg.dist.zero_stage > 0 and resume_state.get("world", 1) != world
+
+
+def build_deepspeed_engines(cfg: Config, networks: dict[str, nn.Module], lrs: dict[str, float], rank: int, world: int,
+                            resume_state: dict | None = None) -> dict[str, DeepSpeedEngine]:
+    """The energy engine and the generator+encoder engine (engine.build_engines). When the checkpoint about to be
+    loaded needs a universal conversion, rank 0 converts both engines' shards while the others wait."""
+    o, d = cfg.optim, cfg.dist
+    universal = needs_universal(cfg, resume_state, world)
+    if universal:
+        from ddaebm.checkpoint import ENGINES
+
+        if rank == 0:
+            for name in ENGINE_NAMES:
+                convert_to_universal(Path(resume_state["checkpoint_dir"]) / ENGINES / name)
+        distributed.barrier()
+    micro = cfg.data.batch // world
+    cpu = next(networks["energy"].parameters()).device.type == "cpu"
     reducer = None
-    if t.world > 1 and d.zero_stage == 0 and d.precision != "fp16" and t.device.type == "cpu":
+    if world > 1 and d.zero_stage == 0 and d.precision != "fp16" and cpu:
         # CPU ranks: one exchange per phase for gradients and flags, through shared memory on one host (GPUs
         # keep DeepSpeed's NCCL all-reduce; ZeRO 1/2 reduce-scatter inside DeepSpeed; fp16 scales its grads).
-        reducer = build_reducer(t.world, t.rank, d.timeout_s)
-    return {"energy": DeepSpeedEngine(t.energy, o.lr_d, o, d, micro, load_universal, reducer),
-            "generator": DeepSpeedEngine(t.gen_enc, o.lr_g, o, d, micro, load_universal, reducer)}
+        reducer = build_reducer(world, rank, d.timeout_s)
+    return {name: DeepSpeedEngine(networks[name], lrs[name], o, d, micro, universal, reducer) for name in ENGINE_NAMES}

@@ -7,12 +7,11 @@ checkpoint holds both the raw and the EMA energy.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
-from ddaebm.training.engine import flatten_parameters
+from ddaebm.model import averaged_copy
+from ddaebm.training.perf import flatten_parameters
 
 
 def contiguous_whole(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -34,8 +33,7 @@ def contiguous_whole(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 class EMA:
     def __init__(self, modules: dict[str, nn.Module], decay: float):
         self.decay = decay
-        # fp32 shadows even when the engines train in bf16: a half-precision average loses small updates.
-        self.shadow = {name: copy.deepcopy(m).float().requires_grad_(False).eval() for name, m in modules.items()}
+        self.shadow = {name: averaged_copy(m) for name, m in modules.items()}
         for shadow in self.shadow.values():  # one buffer, like TorchEngine's modules (a deep copy clones each)
             flatten_parameters(shadow)
         # name -> (module, its parameters, the shadow's, its buffers, the shadow's): walking the module trees

@@ -1,183 +1,78 @@
-"""Engines: one network and the optimizer that trains it.
+"""Engines: one network, the optimizer that trains it, its precision and its part of a checkpoint.
 
-The training loop talks to an engine only through `module`, `zero_grad`, `backward_agreed` (backward plus the
-ranks' agreement on skip/stop flags), `step`, `set_lr` and `state_dict`/`load_state_dict`, the surface
-ddaebm/training/deepspeed_engine.py offers too, so a multi-rank backend plugs in without touching the loop.
+`Engine` is the whole surface the trainer, the loop and the checkpoint code use; both backends implement it
+(`TorchEngine` here, one process; `DeepSpeedEngine` in ddaebm/training/deepspeed_engine.py, any number of
+ranks), and ddaebm/training/backends.py is the one place that picks a backend, so nothing above branches on it.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
-from torch.optim import optimizer as _optim
 
 from ddaebm.config import OptimConfig
+from ddaebm.training.perf import fast_adam_steps, flatten_parameters
+from ddaebm.training.precision import autocast_bf16
+
+ENGINE_NAMES = ("energy", "generator")  # the energy f_θ; the generator+encoder (one optimizer, SPEC §5)
 
 
-def retain_freed_heap_memory() -> None:
-    """Keep memory that a training step frees for the next step, instead of returning it to the OS (glibc only).
+class Engine(Protocol):
+    module: nn.Module  # the network it trains (the same object the model holds)
 
-    glibc serves blocks above a size threshold (dynamic, from 128 KiB) from fresh mappings and gives the top of
-    the heap back to the OS once more than twice that threshold is free there. A CPU training step allocates and
-    frees a few MB of activations every iteration, and what was given back page-faults in again on the next:
-    measured on the toy step, 750-1000 page faults and ~2.5 ms of system time per ~25 ms iteration. Fixed
-    thresholds (blocks up to 8 MiB from the heap, up to 64 MiB of free heap kept) make each iteration reuse the
-    previous one's memory. Process-wide and idempotent; leaves alone what MALLOC_* environment variables set, and
-    does nothing without glibc's mallopt.
-    """
-    global _heap_retained
-    if _heap_retained or sys.platform != "linux" or any(k.startswith("MALLOC_") for k in os.environ):
-        return
-    _heap_retained = True
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD
-    mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    def zero_grad(self) -> None: ...
 
+    def backward_agreed(self, loss: torch.Tensor, flags: list[bool]) -> list[bool]:
+        """Backward unless flags[0] (a non-finite loss on this rank: the update will be skipped), and the flags
+        OR-ed over all ranks (skip, stop), which every rank must act on alike."""
 
-_heap_retained = False
+    def step(self) -> None: ...
 
+    def set_lr(self, lr: float) -> None: ...
 
-def fused_adam_step(opt: torch.optim.Optimizer) -> bool:
-    """Adam(fused=True).step() as its two kernels, without the per-call Python around them (~0.15 ms per
-    step, a few percent of a toy iteration). The same state tensors, hence the same state_dict; False (and
-    nothing done) wherever Optimizer.step would do more: its first step (state to create), hooks, several
-    groups or devices, AMSGrad, capturable, a grad scaler's attributes, a step wrapped by someone else."""
-    wrapper = opt.__dict__.get("step")  # e.g. an LR scheduler counting the calls; ours (fast_adam_steps) is fine
-    if ((wrapper is not None and not getattr(wrapper, "fused_adam_fast_path", False))
-            or len(opt.param_groups) != 1 or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
-            or _optim._global_optimizer_pre_hooks or _optim._global_optimizer_post_hooks
-            or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None):
-        return False
-    group = opt.param_groups[0]
-    if (not group.get("fused") or group["amsgrad"] or group["capturable"] or group["differentiable"]
-            or group.get("decoupled_weight_decay", False) or torch.is_tensor(group["lr"])):
-        return False
-    grads = [p.grad for p in group["params"]]
-    plan = opt.__dict__.get("_ddaebm_plan")
-    if plan is None or not plan.serves(opt, group, grads):
-        plan = _AdamPlan.build(opt, group, grads)
-        if plan is None:
-            return False
-        opt._ddaebm_plan = plan
-    beta1, beta2 = group["betas"]
-    plan.steps_buffer.add_(1)
-    torch._fused_adam_(plan.params, [g for g in grads if g is not None], plan.exp_avgs, plan.exp_avg_sqs, [],
-                       plan.steps, amsgrad=False, lr=group["lr"], beta1=float(beta1), beta2=float(beta2),
-                       weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-                       grad_scale=None, found_inf=None)
-    return True
+    def state_dict(self) -> dict:
+        """What the checkpoint's state.pt carries of this engine: {"module": fp32 weights, "optimizer": ... or
+        None where the optimizer state lives in `save`'s folder}."""
 
+    def load_state_dict(self, state: dict) -> None: ...
 
-class _AdamPlan:
-    """The per-parameter lists fused_adam_step hands the kernels, built once for a given optimizer state and set
-    of parameters with gradients (walking ~80 parameters' state each step was ~0.1 ms per toy iteration)."""
+    def save(self, folder: Path) -> None:
+        """Collective: write what state.pt cannot carry (sharded state) under `folder`; every rank calls it."""
 
-    @classmethod
-    def build(cls, opt: torch.optim.Optimizer, group: dict, grads: list) -> "_AdamPlan | None":
-        """None where Optimizer.step must run: its first step (state to create), a sparse gradient, mixed
-        devices or dtypes."""
-        plan = cls()
-        plan.state, plan.group_params, plan.mask = opt.state, group["params"], [g is not None for g in grads]
-        plan.params, plan.exp_avgs, plan.exp_avg_sqs, steps = [], [], [], []
-        device = group["params"][0].device
-        for p, grad in zip(group["params"], grads):
-            if grad is None:
-                continue
-            state = opt.state.get(p)
-            if not state or grad.is_sparse or p.device != device or p.dtype != grad.dtype:
-                return None
-            plan.params.append(p)
-            plan.exp_avgs.append(state["exp_avg"])
-            plan.exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        if not plan.params or len({p.dtype for p in plan.params}) != 1:
-            return None
-        plan.steps_buffer = _step_buffer(opt, plan.params, steps)
-        plan.steps = steps
-        return plan
-
-    def serves(self, opt: torch.optim.Optimizer, group: dict, grads: list) -> bool:
-        """The same state (a loaded state_dict replaces it), parameters, and parameters with gradients."""
-        return (opt.state is self.state and group["params"] is self.group_params
-                and [g is not None for g in grads] == self.mask)
-
-
-def _step_buffer(opt: torch.optim.Optimizer, params: list, steps: list) -> torch.Tensor:
-    """One tensor whose elements are the `params`' state["step"] (which become 0-dim views of it, in place in
-    `steps` too): the steps advance together, and one add_ replaces _foreach_add_'s per-tensor loop on CPU
-    (~4 µs a parameter, 0.3 ms per toy iteration). Rebuilt, values kept, whenever a step is no longer a view of
-    it (a loaded state_dict, a different set of parameters with gradients)."""
-    buffer = opt.__dict__.get("_ddaebm_steps")
-    if buffer is None or buffer.numel() != len(steps) or any(s._base is not buffer for s in steps):
-        buffer = opt._ddaebm_steps = torch.stack(steps)
-        views = buffer.unbind(0)
-        for i, (p, view) in enumerate(zip(params, views)):
-            opt.state[p]["step"] = steps[i] = view
-    return buffer
-
-
-def fast_adam_steps(opt: torch.optim.Optimizer) -> None:
-    """Make `opt.step()` take fused_adam_step wherever it applies, for callers that step it themselves (a
-    DeepSpeed engine at ZeRO 0 calls its client optimizer's step directly)."""
-    plain = opt.step
-
-    def step(closure=None):
-        if closure is None and fused_adam_step(opt):
-            return None
-        return plain(closure)
-
-    step.fused_adam_fast_path = True
-    opt.step = step
+    def load(self, folder: Path) -> None:
+        """Collective: read back what `save` wrote (after load_state_dict)."""
 
 
 def adam(params: list, lr: float, cfg: OptimConfig) -> torch.optim.Adam:
     """Adam(β1, β2) without weight decay (SPEC §5), fused kernels when cfg.fused, for either backend.
 
-    (DeepSpeed's own choice on CPU, `torch_adam`, is the unfused AdamW: ~3.5 ms per toy iteration for the two
-    engines, where the fused kernels take a tenth of that. ZeRO 1/2 wrap this like their own Adam:
-    torch.optim.Adam is on DeepSpeed's list of ZeRO optimizers.)
+    (DeepSpeed's own choice on CPU, `torch_adam`, is the unfused AdamW, about ten times slower here. ZeRO 1/2
+    wrap this like their own Adam: torch.optim.Adam is on DeepSpeed's list of ZeRO optimizers.)
     """
     return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=0.0,
                             fused=cfg.fused or None)
 
 
-def flatten_parameters(module: nn.Module) -> torch.Tensor | None:
-    """Lay the module's parameters out back to back in one buffer (each becomes a view of it, values kept) and
-    return the buffer; None (nothing changed) unless they share one dtype and device and are contiguous (a
-    channels_last weight keeps its memory format).
-
-    Whatever updates parameters in place (Adam, load_state_dict) is unaffected; what walks all of them as one
-    tensor gains: the EMA's average becomes one lerp instead of a per-tensor loop (ddaebm/training/ema.py).
-    """
-    params = list(module.parameters())
-    if not params or len({(p.dtype, p.device) for p in params}) != 1 or not all(p.is_contiguous() for p in params):
-        return None
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    offset = 0
-    for p in params:
-        p.data = flat[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return flat
-
-
 class TorchEngine:
-    """A module and its Adam(β1, β2) without weight decay (SPEC §5), in one process; the module's parameters
-    laid out in one buffer (flatten_parameters)."""
+    """A module and its Adam in one process; the module's parameters laid out in one buffer (flatten_parameters),
+    bf16 autocast inside it with dist.precision=bf16. Its whole state fits in state.pt, so save/load have no
+    folder of their own to write."""
 
-    def __init__(self, module: nn.Module, lr: float, cfg: OptimConfig, grad_clip: float = 0.0):
+    def __init__(self, module: nn.Module, lr: float, cfg: OptimConfig, grad_clip: float = 0.0,
+                 precision: str = "fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"the torch backend trains in fp32 or bf16, not {precision}")
         self.module, self.grad_clip = module, grad_clip
         flatten_parameters(module)
         params = [p for p in module.parameters() if p.requires_grad]
         self.params = params
         self.optimizer = adam(params, lr, cfg)
         fast_adam_steps(self.optimizer)
+        if precision == "bf16":
+            autocast_bf16(module)
 
     def zero_grad(self) -> None:
         # Optimizer.zero_grad(set_to_none=True) without its per-call profiling and grouping set-up.
@@ -185,15 +80,10 @@ class TorchEngine:
             for p in group["params"]:
                 p.grad = None
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
     def backward_agreed(self, loss: torch.Tensor, flags: list[bool]) -> list[bool]:
-        """Backward unless flags[0] (a non-finite loss: the update will be skipped); returns the flags as all
-        ranks agree on them, here the one process's own."""
         if not flags[0]:
-            self.backward(loss)
-        return list(flags)
+            loss.backward()
+        return list(flags)  # one process: its own flags are everyone's
 
     def step(self) -> None:
         if self.grad_clip > 0:
@@ -209,5 +99,11 @@ class TorchEngine:
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
-        if state["optimizer"] is not None:  # None: weights of a DeepSpeed run, restored to sample or evaluate
+        if state["optimizer"] is not None:  # None: weights of a DeepSpeed run (its optimizer state is sharded)
             self.optimizer.load_state_dict(state["optimizer"])
+
+    def save(self, folder: Path) -> None:
+        pass  # everything is in state_dict
+
+    def load(self, folder: Path) -> None:
+        pass

@@ -8,20 +8,21 @@ pointers, every rank takes part in checkpoints.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 
 from ddaebm import distributed
+from ddaebm.checkpoint import (complete_checkpoints, load_checkpoint, newest_valid_checkpoint, save_checkpoint,
+                               verify_checkpoint)
 from ddaebm.config import Config, ConfigError, experiment_differences, to_yaml
 from ddaebm.data.stream import is_toy
-from ddaebm.evaluate import evaluate_toy, save_reals, save_snapshot
-from ddaebm.networks import parameter_counts
-from ddaebm.training.checkpoint import (ENGINES, complete_checkpoints, load_checkpoint, newest_valid_checkpoint,
-                                        save_checkpoint, save_checkpoint_ranks, verify_checkpoint)
+from ddaebm.evaluation.toy import evaluate_toy
 from ddaebm.fsio import write_atomic
+from ddaebm.networks import parameter_counts
+from ddaebm.snapshots import save_reals, save_snapshot
 from ddaebm.training.monitor import Monitor
+from ddaebm.training.perf import retain_freed_heap_memory
 from ddaebm.training.preemption import NonFiniteStop, Preempted, stop_signals
 from ddaebm.training.trainer import Trainer
 
@@ -68,45 +69,13 @@ def prepare_run(cfg: Config, run_dir: Path, resume: str = "auto", warn: bool = T
     return state
 
 
-def _engine_factory(cfg: Config, state: dict | None, world: int, lead: bool):
-    """The engines' builder; for ZeRO 1/2 resumed on another world size, after a universal conversion."""
-    if cfg.dist.backend == "torch":
-        if world > 1:
-            raise ConfigError("dist.backend=torch trains in one process; use dist.backend=deepspeed for "
-                              f"{world} ranks")
-        return None
-    from ddaebm.training.deepspeed_engine import build_deepspeed_engines, convert_to_universal
-
-    universal = state is not None and cfg.dist.zero_stage > 0 and state.get("world", 1) != world
-    if universal:
-        folder = Path(state["checkpoint_dir"]) / ENGINES
-        if lead:
-            for name in ("energy", "generator"):
-                convert_to_universal(folder / name)
-        distributed.barrier()
-    return functools.partial(build_deepspeed_engines, load_universal=universal)
-
-
 def build_trainer(cfg: Config, state: dict | None, rank: int = 0, world: int = 1) -> Trainer:
-    """A Trainer on the configured backend, restored from `state` (and its engine folders) when given."""
-    factory = _engine_factory(cfg, state, world, rank == 0)
-    trainer = Trainer(cfg, rank, world) if factory is None else Trainer(cfg, rank, world, factory)
+    """A Trainer on the configured backend, restored from `state` (and its checkpoint folder) when given."""
+    trainer = Trainer(cfg, rank, world, resume_state=state)
     if state is not None:
         trainer.load_state_dict(state)
-        if factory is not None:
-            folder = Path(state["checkpoint_dir"]) / ENGINES
-            universal = factory.keywords["load_universal"]
-            for name, engine in trainer.engines.items():
-                engine.load(folder / name, universal)
+        trainer.load_engines(state["checkpoint_dir"])
     return trainer
-
-
-def _save(trainer: Trainer, run_dir: Path, step: int, lead: bool) -> None:
-    keep = trainer.cfg.train.keep_ckpts
-    if trainer.cfg.dist.backend == "torch":
-        save_checkpoint(run_dir, step, trainer.state_dict(), keep)
-    else:
-        save_checkpoint_ranks(run_dir, step, trainer, keep, lead)
 
 
 def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, world: int = 1,
@@ -120,6 +89,8 @@ def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, 
     """
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    if distributed.resolve_device(cfg.dist.device).type == "cpu":
+        retain_freed_heap_memory()  # process-wide: every step reuses the previous one's memory (training/perf.py)
     lead = rank == 0
     if trainer is None:
         trainer = build_trainer(cfg, state, rank, world)
@@ -134,9 +105,9 @@ def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, 
                   + (f" on {world} ranks" if world > 1 else ""))
     counts = parameter_counts(trainer.energy, trainer.gen_enc)
     monitor.write("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
-                  + f"; device {trainer.device}, {cfg.dist.precision}")
+                  + f"; device {trainer.device}, {cfg.dist.precision}; losses: {trainer.objectives_note}")
     if lead and trainer.step == 0:
-        save_reals(trainer, run_dir)
+        save_reals(trainer.model, run_dir)
     stop = cfg.train.steps if slice_steps is None else min(cfg.train.steps, trainer.step + slice_steps)
     with stop_signals() as signalled:
         while trainer.step < stop:
@@ -147,16 +118,16 @@ def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, 
             preempted = trainer.stop_agreed  # agreed by all ranks within the step's last gradient exchange
             healthy = trainer.nonfinite_streak == 0  # never checkpoint in the middle of a NaN streak
             if healthy and (step % cfg.train.ckpt_every == 0 or step == stop or preempted):
-                _save(trainer, run_dir, step, lead)
+                save_checkpoint(run_dir, step, trainer.engines, trainer.state_dict, cfg.train.keep_ckpts, lead)
             if lead and (step % cfg.train.snapshot_every == 0 or step == cfg.train.steps):
-                save_snapshot(trainer, run_dir, step)
+                save_snapshot(trainer.model, run_dir, step)
             if preempted:
                 monitor.write(f"preempted ({signalled.name}): stopped at step {step} with a checkpoint")
                 monitor.close()
                 raise Preempted(step)
     monitor.close()
     if lead and cfg.train.eval_at_end and trainer.step == cfg.train.steps and is_toy(cfg):
-        evaluate_toy(trainer, run_dir)
+        evaluate_toy(trainer.model, run_dir)
     return trainer
 
 

@@ -1,31 +1,28 @@
-"""The DDAEBM trainer: networks, engines, phases and the state that a checkpoint must carry.
+"""The DDAEBM trainer: a model, its engines, the phases and the state that a checkpoint must carry.
 
 One iteration draws a StepBatch (SPEC §5), then runs the phases in order. Each phase is data: a name, the
 engine it trains, its loss and its interval. Only the phase's network has requires_grad on, and each
-engine gets exactly one backward per phase.
+engine gets exactly one backward per phase. The losses are one set of Objectives (ddaebm/losses.py), chosen
+once here: the generic autograd ones, or the toy fast path's (ddaebm/fastpath, train.fast_path).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ddaebm import distributed
+from ddaebm import fastpath
 from ddaebm.config import Config, to_dict
-from ddaebm.data.stream import build_stream, data_shape
-from ddaebm.diffusion.schedule import build_schedule
-from ddaebm.losses import (ABLATIONS, StepBatch, draw_generator_inputs, draw_step_batch, energy_loss, generator_loss,
-                           lazy_r1_loss, r1_enabled)
-from ddaebm.networks import build_energy, build_generator_encoder
-from ddaebm.sampling import precise_bn
-from ddaebm.training.precision import autocast_bf16
+from ddaebm.errors import BadInput
+from ddaebm.data.stream import build_stream
+from ddaebm.losses import Objectives, StepBatch, draw_step_batch, r1_enabled
+from ddaebm.model import Model
 from ddaebm.training.ema import EMA
-from ddaebm.training.engine import TorchEngine, retain_freed_heap_memory
-
-PRECISE_BN_SEED = 1_000_033  # the precise-BN batches' noise: fixed, so samples of a run are reproducible
+from ddaebm.training.backends import build_engines
 
 LossFn = Callable[["Trainer", StepBatch], tuple[torch.Tensor, dict]]
 
@@ -39,15 +36,15 @@ class Phase:
 
 
 def _energy_phase(t: "Trainer", b: StepBatch):
-    return energy_loss(t.energy, t.schedule, b, t.cfg.loss, with_r1=t.cfg.loss.r1_interval == 1)
+    return t.objectives.energy_loss(t.energy, t.schedule, b, t.cfg.loss, with_r1=t.cfg.loss.r1_interval == 1)
 
 
 def _lazy_r1_phase(t: "Trainer", b: StepBatch):
-    return lazy_r1_loss(t.energy, t.schedule, b, t.cfg.loss)
+    return t.objectives.lazy_r1_loss(t.energy, t.schedule, b, t.cfg.loss)
 
 
 def _generator_phase(t: "Trainer", b: StepBatch):
-    return generator_loss(t.energy, t.gen_enc, t.schedule, b, t.cfg.loss, t.terms)
+    return t.objectives.generator_loss(t.energy, t.gen_enc, t.schedule, b, t.cfg.loss, t.terms)
 
 
 def build_phases(cfg: Config) -> list[Phase]:
@@ -59,57 +56,43 @@ def build_phases(cfg: Config) -> list[Phase]:
     return phases
 
 
-def build_torch_engines(t: "Trainer") -> dict[str, TorchEngine]:
-    o, clip = t.cfg.optim, t.cfg.dist.grad_clip
-    return {"energy": TorchEngine(t.energy, o.lr_d, o, clip), "generator": TorchEngine(t.gen_enc, o.lr_g, o, clip)}
-
-
-def resolve_device(name: str) -> torch.device:
-    """dist.device: 'auto' is this rank's GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("dist.device=cuda but CUDA is not available here; use dist.device=auto or cpu")
-    return torch.device("cuda", distributed.discover().local_rank)
-
-
 class Trainer:
     """Holds everything one training run mutates; `train_step` is one DDAEBM iteration."""
 
-    def __init__(self, cfg: Config, rank: int = 0, world: int = 1, engine_factory=build_torch_engines):
+    def __init__(self, cfg: Config, rank: int = 0, world: int = 1, resume_state: dict | None = None,
+                 objectives: Objectives | None = None):
+        """`resume_state`: the checkpoint state this trainer will load (its engines may need to prepare for it);
+        `objectives`: the losses to train with, by default as train.fast_path selects them."""
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.device = resolve_device(cfg.dist.device)
-        if self.device.type == "cpu":  # whichever backend: two ranks page-faulting at once halved both (issue 3)
-            retain_freed_heap_memory()
-        self.terms = ABLATIONS[cfg.loss.ablation]
-        self.schedule = build_schedule(cfg.diffusion).to(self.device)
-        self.data_shape = data_shape(cfg)
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.energy = self._placed(build_energy(cfg.model, cfg.diffusion.num_steps))
-        self.gen_enc = self._placed(build_generator_encoder(cfg.model, self.terms.encoder, cfg.diffusion.num_steps))
-        self.engines = engine_factory(self)
-        self.modules = {"energy": self.energy, "generator": self.gen_enc}
-        if cfg.dist.precision == "bf16" and cfg.dist.backend == "torch":  # DeepSpeed engines wrap their own
-            for module in self.modules.values():
-                autocast_bf16(module)
+        self.model = Model(cfg)
+        self.device, self.terms, self.schedule = self.model.device, self.model.terms, self.model.schedule
+        self.energy, self.gen_enc = self.model.energy, self.model.gen_enc
+        if objectives is None:
+            objectives, self.objectives_note = fastpath.select(cfg)
+        else:
+            self.objectives_note = objectives.name
+        self.objectives = objectives
+        self.modules = self.model.networks
+        self.engines = build_engines(cfg, self.modules, rank, world, resume_state)
         self.ema = EMA(self.modules, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        # for _train_only: module.requires_grad_ walks the module tree, 3 times per iteration (~0.15 ms, toy)
+        self.model.averaged = self.ema.shadow if self.ema is not None else None
+        # for _train_only: module.requires_grad_ walks the module tree, 3 times per iteration
         self._parameters = {name: list(m.parameters()) for name, m in self.modules.items()}
         self._stream, self._stream_state = None, None  # opened on first use: sampling needs no data
         # The same on every rank: each draws the global batch's randomness and keeps its slice (draw_step_batch).
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.train.seed * 7919 + 17)
         self.phases = build_phases(cfg)
-        self.step = 0
         self.nonfinite_total = 0  # iterations with a skipped (NaN/Inf loss) phase, over the whole run
         self.nonfinite_streak = 0  # consecutive such iterations up to now
         self.stop_agreed = False  # whether the last train_step's stop request held on some rank
-        self._precise_bn = None  # (source, its tensors' versions, result) of the last sampling_generator call
 
-    def _placed(self, module: torch.nn.Module) -> torch.nn.Module:
-        module = module.to(self.device)
-        if self.cfg.model.channels_last and len(self.data_shape) == 3:
-            module = module.to(memory_format=torch.channels_last)
-        return module
+    @property
+    def step(self) -> int:
+        return self.model.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.model.step = value
 
     @property
     def stream(self):
@@ -186,7 +169,7 @@ class Trainer:
         nce_std = self.cfg.loss.nce_std if self.cfg.loss.nce_weight > 0 else None
         return draw_step_batch(x0, self.schedule, self.gen_enc.generator, self.terms,
                                self.cfg.model.nz, self.rng, self.rank, self.world, nce_std,
-                               self.cfg.loss.step_probs)
+                               self.cfg.loss.step_probs, self.objectives.generator_forward)
 
     # ---- what a checkpoint carries: everything a bit-exact continuation needs
     def state_dict(self) -> dict:
@@ -207,7 +190,7 @@ class Trainer:
             engine.load_state_dict(state["engines"][name])
         if self.ema is not None:
             if state["ema"] is None:
-                raise ValueError("checkpoint has no EMA but optim.ema_decay > 0")
+                raise BadInput("checkpoint has no EMA but optim.ema_decay > 0")
             self.ema.load_state_dict(state["ema"])
         self._stream_state = state["stream"]
         if self._stream is not None:
@@ -222,37 +205,9 @@ class Trainer:
     def _cuda_rng(self):
         return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
 
-    def sampling_networks(self, use_ema: bool = True):
-        """(generator+encoder, energy) to sample and score with: the EMA copies when kept."""
-        if use_ema and self.ema is not None:
-            return self.ema.shadow["generator"], self.ema.shadow["energy"]
-        return self.gen_enc, self.energy
+    def load_engines(self, checkpoint_dir: Path) -> None:
+        """Collective: what the engines keep outside state.pt (ZeRO shards), from a checkpoint folder."""
+        from ddaebm.checkpoint import ENGINES
 
-    def sampling_generator(self, use_ema: bool = True) -> torch.nn.Module:
-        """The generator to sample with (the EMA copy when kept), with BatchNorm statistics recomputed over
-        sample.precise_bn_batches training-like batches where sampling reads them (model.sample_bn_mode=eval).
-
-        Averaged weights get statistics of their own this way, which the EMA copy otherwise lacks (it carries
-        the raw network's)."""
-        generator = self.sampling_networks(use_ema)[0].generator
-        if self.cfg.sample.precise_bn_batches == 0 or self.cfg.model.sample_bn_mode == "train":
-            return generator
-        # Kept while the source's tensors are unchanged (their version counters: in-place updates, EMA's
-        # included, and loads move them), so an evaluation's several sampling calls recompute it once.
-        versions = tuple(t._version for t in generator.state_dict(keep_vars=True).values())
-        cached = self._precise_bn
-        if cached is None or cached[0] is not generator or cached[1] != versions:
-            batches = self._generator_inputs(self.cfg.sample.precise_bn_batches)
-            cached = self._precise_bn = (generator, versions, precise_bn(generator, batches))
-        return cached[2]
-
-    def _generator_inputs(self, num_batches: int):
-        """(x_{k+1}, k, z) batches as training draws them (k by loss.step_probs), from a fresh data stream and a
-        fixed seed: the same batches at every call, and the training's own stream and RNG do not move."""
-        stream = build_stream(self.cfg, device=self.device)
-        rng = torch.Generator(device=self.device).manual_seed(PRECISE_BN_SEED)
-        for _ in range(num_batches):
-            k, _, x_k1, z, _ = draw_generator_inputs(stream.next_batch().to(self.device), self.schedule,
-                                                     self.terms.latent, self.cfg.model.nz, rng,
-                                                     step_probs=self.cfg.loss.step_probs)
-            yield x_k1, k, z
+        for name, engine in self.engines.items():
+            engine.load(Path(checkpoint_dir) / ENGINES / name)

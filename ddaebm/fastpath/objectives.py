@@ -1,8 +1,10 @@
-"""The two objectives of losses.py for the toy MLPs, each one autograd node with its gradients written out.
+"""The toy fast path's objectives: losses.py's energy and generator objectives for the toy MLPs, each one autograd
+node with its gradients written out.
 
-Same values as energy_loss and generator_loss (they call the same helpers), same gradients up to float32
-rounding (tests/test_toy_fused.py); losses.py takes these only where `*_supported` says the networks and
-switches are the ones written for here, and its generic autograd path everywhere else.
+Same values as losses.energy_loss and losses.generator_loss (they call the same helpers), same gradients up to
+float32 rounding (tests/test_toy_fused.py). Each checks at every call that the networks are still the layouts
+written for here (ddaebm/fastpath/layout.py) and otherwise calls the generic objective; which loss switches they
+cover is decided once, before training, by ddaebm/fastpath/__init__.py.
 
 The energy step's R1 gradient in closed form. The toy energy is piecewise linear in x (PReLU): with u = A x + c,
 h0 = M·prelu(u) + (per-k rows), h1 = W2·prelu(h0) + b2, f = w3·prelu(h1) + b3 and s the PReLU slopes (1 where
@@ -25,15 +27,14 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ddaebm import losses
 from ddaebm.config import LossConfig
 from ddaebm.diffusion.schedule import Schedule, importance_weight, log_transition, posterior_mean, transition_score
-from ddaebm.losses import (ABLATIONS, StepBatch, Terms, _gaussian_nll, kl_to_standard_normal, latent_nll,
-                           nce_log_ratio, nce_rows, nce_value, r1_enabled, r1_expected_constant, r1_gammas,
-                           recon_variance)
-from ddaebm.networks import toy_fused as tf
-from ddaebm.networks.toy import ToyEncoder, ToyGenerator
-
-BRANCH = tf.BRANCH
+from ddaebm.fastpath import layout as tl
+from ddaebm.fastpath import passes as tf
+from ddaebm.losses import (ABLATIONS, StepBatch, Terms, _gaussian_nll, kl_to_standard_normal, latent_nll, nce_log_ratio,
+                           nce_rows, nce_value, r1_enabled, r1_expected_constant, r1_gammas, recon_variance)
+from ddaebm.networks.toy import BRANCH
 
 
 # ---- the energy step
@@ -126,15 +127,17 @@ def energy_objective(energy: nn.Module, x: torch.Tensor, k: torch.Tensor, n_real
                      real_weight: float, fake_weight: float, r1_coef: float | torch.Tensor,
                      score: torch.Tensor | None, nce: tuple | None = None):
     """(loss, f [rows], R1, NCE) of the energy step for x = [real; fake; NCE noise] rows; `loss.backward()`
-    reaches θ only. After tf.energy_supported(energy, ...)."""
-    sp = tf.spec(energy)
+    reaches θ only. After tl.energy_supported(energy, ...)."""
+    sp = tl.spec(energy)
     return _EnergyObjective.apply(sp, x, k, n_real, n_fake, real_weight, fake_weight, r1_coef, score, nce,
                                   *sp.params)
 
 
-def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, with_r1: bool,
-                r1_scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """losses.energy_loss for the toy energy; b.x_k gets no gradient (nothing reads it)."""
+def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, with_r1: bool = True,
+                r1_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """losses.energy_loss, for the toy energy in one node; b.x_k gets no gradient (nothing reads it)."""
+    if not tl.energy_supported(energy, b.x_k):
+        return losses.energy_loss(energy, s, b, cfg, with_r1, r1_scale)
     n = b.x_k.shape[0]
     r1_on = with_r1 and r1_enabled(cfg)
     score = None
@@ -161,7 +164,9 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
 
 
 def lazy_r1_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
-    """losses.lazy_r1_loss for the toy energy."""
+    """losses.lazy_r1_loss, for the toy energy in one node."""
+    if not tl.energy_supported(energy, b.x_k):
+        return losses.lazy_r1_loss(energy, s, b, cfg)
     score = transition_score(s, b.x_k.detach(), b.x_k1, b.k) if cfg.r1_target == "full_conditional" else None
     r1, _, _, _ = energy_objective(energy, b.x_k.detach(), b.k, b.x_k.shape[0], 0, 0.0, 0.0,
                                    0.5 * r1_gammas(cfg, b.k) * float(cfg.r1_interval), score)
@@ -171,35 +176,15 @@ def lazy_r1_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig) 
 # ---- the generator + encoder step (the full objective, SPEC §5)
 
 
-def _generator_layout(g) -> bool:
-    return type(g) is ToyGenerator and tf.mlp_layout(g.net)
-
-
-def _encoder_layout(e) -> bool:
-    return type(e) is ToyEncoder and tf.is_linear(e.mu) and tf.is_linear(e.logvar) and tf.mlp_layout(e.body)
-
-
-def _generator_spec(g: ToyGenerator):
-    return tf.mlp_spec(g.net)
-
-
-def _encoder_spec(e: ToyEncoder):
-    sp = tf.mlp_spec(e.body)
-    sp.mu_w, sp.mu_b, sp.lv_w, sp.lv_b, sp.lv_range = e.mu.weight, e.mu.bias, e.logvar.weight, e.logvar.bias, \
-        e.logvar_range
-    return sp
-
-
-def generator_supported(energy: nn.Module, gen_enc: nn.Module, b: StepBatch, cfg: LossConfig, terms: Terms) -> bool:
-    """Whether generator_loss below computes losses.generator_loss: the full objective with the ELBO recon, the toy
-    networks as written, the energy frozen."""
-    if not (tf.enabled and terms == ABLATIONS["full"] and cfg.recon_mode == "elbo_encoder" and b.x_k.shape[0] > 1
-            and tf.energy_supported(energy, b.x_fake)):
+def generator_supported(energy: nn.Module, gen_enc: nn.Module, b: StepBatch) -> bool:
+    """Whether generator_loss below computes losses.generator_loss (for the loss switches that
+    ddaebm/fastpath/__init__.py admits): the toy networks as written, the energy frozen, more than one row."""
+    if not (b.x_k.shape[0] > 1 and tl.energy_supported(energy, b.x_fake)):
         return False
     gen, enc = getattr(gen_enc, "generator", None), getattr(gen_enc, "encoder", None)
-    return (not any(p.requires_grad for p in tf.spec(energy).params)
-            and tf.supported_spec(gen, _generator_layout, _generator_spec, b.x_fake) is not None
-            and tf.supported_spec(enc, _encoder_layout, _encoder_spec, b.x_fake) is not None)
+    return (not any(p.requires_grad for p in tl.spec(energy).params)
+            and tl.supported_spec(gen, tl.generator_layout, tl.generator_spec, b.x_fake) is not None
+            and tl.supported_spec(enc, tl.encoder_layout, tl.encoder_spec, b.x_fake) is not None)
 
 
 def _draw_pass(b: StepBatch, g_sp) -> tuple | None:
@@ -292,13 +277,25 @@ class _GeneratorObjective(torch.autograd.Function):
         return (None,) * 6 + (d_fake if ctx.needs_input_grad[6] else None,) + (None,) * 5 + tuple(grads)
 
 
-def generator_loss(energy: nn.Module, gen_enc: nn.Module, s: Schedule, b: StepBatch,
-                   cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """losses.generator_loss with every term on (after `generator_supported`)."""
-    g_sp, q_sp = tf.spec(gen_enc.generator), tf.spec(gen_enc.encoder)
+def generator_loss(energy: nn.Module, gen_enc: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig,
+                   terms: Terms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """losses.generator_loss with every term on, in one node where generator_supported holds (the generic
+    objective for the other ablations and recon modes, which select() keeps off the fast path anyway)."""
+    if terms != ABLATIONS["full"] or cfg.recon_mode != "elbo_encoder" or not generator_supported(energy, gen_enc, b):
+        return losses.generator_loss(energy, gen_enc, s, b, cfg, terms)
+    g_sp, q_sp = tl.spec(gen_enc.generator), tl.spec(gen_enc.encoder)
     draw = _draw_pass(b, g_sp)
     loss, e_f, l_lat, l_rec, l_kl = _GeneratorObjective.apply(
-        s, cfg, tf.spec(energy), g_sp, q_sp, draw, b.x_fake if draw is None else b.x_fake.detach(), b.x_k.detach(),
+        s, cfg, tl.spec(energy), g_sp, q_sp, draw, b.x_fake if draw is None else b.x_fake.detach(), b.x_k.detach(),
         b.x_k1, b.z, b.enc_noise, b.k, *g_sp.params, *q_sp.params)
     stats = {"E_F": e_f, "L_lat": l_lat, "L_rec": l_rec, "L_KL": l_kl, "loss_gen": loss.detach()}
     return loss, stats
+
+
+def generator_forward(generator: nn.Module, x_k1: torch.Tensor, k: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """G(x_{k+1}, k, z) for the draw of a StepBatch: the toy generator's body as one node (whose backward
+    generator_loss can run itself, _draw_pass), the module's own forward otherwise."""
+    inputs = torch.cat([x_k1, z], dim=1)
+    if type(generator) is tl.ToyGenerator and tl.mlp_supported(generator.net, inputs):
+        return tf.conditional_mlp(generator.net, inputs, k)
+    return generator(x_k1, k, z)

@@ -1,4 +1,4 @@
-"""The toy fast path (ddaebm/networks/toy_fused.py) against the generic autograd path it replaces.
+"""The toy fast path (ddaebm/fastpath/) against the generic autograd path it replaces (ddaebm/losses.py).
 
 Same losses, same parameter gradients (R1's and the PReLU slopes' included) up to float32 rounding, at every
 step k; and it steps aside for anything it was not written for.
@@ -12,8 +12,13 @@ import torch
 
 from ddaebm.config import DiffusionConfig, LossConfig, ModelConfig
 from ddaebm.diffusion.schedule import build_schedule
-from ddaebm.losses import ABLATIONS, draw_step_batch, energy_loss, generator_loss, lazy_r1_loss, r1_gammas
-from ddaebm.networks import build_energy, build_generator_encoder, toy_fused
+from ddaebm import losses
+from ddaebm.fastpath import cpu
+from ddaebm.fastpath import layout as tl
+from ddaebm.fastpath import objectives as fo
+from ddaebm.fastpath import passes as tf
+from ddaebm.losses import ABLATIONS, draw_step_batch, r1_gammas
+from ddaebm.networks import build_energy, build_generator_encoder
 from ddaebm.training.precision import autocast_bf16
 
 SCHEDULE = build_schedule(DiffusionConfig(variance="geometric", beta_min=1e-4, beta_max=0.9999))
@@ -31,10 +36,11 @@ def _nets(seed=0):
     return energy, gen_enc
 
 
-def _batch(gen_enc, terms=ABLATIONS["full"], n=96, seed=1, k=None):
+def _batch(gen_enc, terms=ABLATIONS["full"], n=96, seed=1, k=None, fused=True):
     x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+    forward = fo.generator_forward if fused else losses.module_forward
     b = draw_step_batch(x0, SCHEDULE, gen_enc.generator, terms, 2, torch.Generator().manual_seed(seed + 1),
-                        nce_std=1.5)
+                        nce_std=1.5, forward=forward)
     if k is not None:  # every row at one step
         b.k = torch.full_like(b.k, k)
     return b
@@ -56,9 +62,9 @@ def _close(names, grads):
 
 def _energy_step(energy, gen_enc, b, cfg, fused, lazy=False):
     energy = copy.deepcopy(energy)
-    with (torch.enable_grad() if fused else toy_fused.disabled()):
-        loss, stats = (lazy_r1_loss if lazy else energy_loss)(energy, SCHEDULE, b, cfg)
-        loss.backward()
+    impl = fo if fused else losses
+    loss, stats = (impl.lazy_r1_loss if lazy else impl.energy_loss)(energy, SCHEDULE, b, cfg)
+    loss.backward()
     return loss, stats, _grads(energy), [n for n, _ in energy.named_parameters()]
 
 
@@ -70,7 +76,7 @@ def _energy_step(energy, gen_enc, b, cfg, fused, lazy=False):
                                  LossConfig(r1_gamma=0.0, nce_weight=0.5, nce_std=1.5)])
 def test_energy_loss_and_gradients_match_autograd(k, cfg):
     energy, gen_enc = _nets()
-    assert toy_fused.energy_supported(energy, torch.zeros(1, 2))
+    assert tl.energy_supported(energy, torch.zeros(1, 2))
     b = _batch(gen_enc, k=k)
     loss, stats, grads, names = _energy_step(energy, gen_enc, b, cfg, fused=True)
     loss_ref, stats_ref, grads_ref, _ = _energy_step(energy, gen_enc, b, cfg, fused=False)
@@ -103,16 +109,16 @@ def test_lazy_r1_matches_autograd():
 def _generator_step(energy, gen_enc, terms, cfg, fused, k):
     energy, gen_enc = copy.deepcopy(energy), copy.deepcopy(gen_enc)
     energy.requires_grad_(False)
-    with (torch.enable_grad() if fused else toy_fused.disabled()):
-        b = _batch(gen_enc, terms, k=None)
-        if k is not None:  # redraw the fake at one k, the generator's graph kept
-            b = dataclasses.replace(b, k=torch.full_like(b.k, k))
-            b.x0_fake = gen_enc.generator(b.x_k1, b.k, b.z)
-            from ddaebm.diffusion.schedule import posterior_sample
+    impl = fo if fused else losses
+    b = _batch(gen_enc, terms, k=None, fused=fused)
+    if k is not None:  # redraw the fake at one k, the generator's graph kept
+        b = dataclasses.replace(b, k=torch.full_like(b.k, k))
+        b.x0_fake = (fo.generator_forward if fused else losses.module_forward)(gen_enc.generator, b.x_k1, b.k, b.z)
+        from ddaebm.diffusion.schedule import posterior_sample
 
-            b.x_fake = posterior_sample(SCHEDULE, b.x0_fake, b.x_k1, b.k, torch.randn_like(b.x_k1))
-        loss, stats = generator_loss(energy, gen_enc, SCHEDULE, b, cfg, terms)
-        loss.backward()
+        b.x_fake = posterior_sample(SCHEDULE, b.x0_fake, b.x_k1, b.k, torch.randn_like(b.x_k1))
+    loss, stats = impl.generator_loss(energy, gen_enc, SCHEDULE, b, cfg, terms)
+    loss.backward()
     buffers = [t.clone() for t in gen_enc.buffers()]
     return loss, stats, _grads(gen_enc), buffers, [n for n, _ in gen_enc.named_parameters()]
 
@@ -135,27 +141,25 @@ def test_generator_loss_and_gradients_match_autograd(k, ablation):
 
 
 def test_generator_objective_runs_the_draw_pass_backward_only_for_its_own_fake():
-    """toy_losses._draw_pass: the fused objective takes over the backward of the generator pass behind b.x_fake
+    """objectives._draw_pass: the fused objective takes over the backward of the generator pass behind b.x_fake
     (test_generator_loss_and_gradients_match_autograd, k=None, checks the gradients) only while x_fake is the
     drawn one and the pass is this generator's; otherwise autograd backpropagates through x̃_k."""
-    from ddaebm import toy_losses
-
     energy, gen_enc = _nets()
     energy.requires_grad_(False)
     b = _batch(gen_enc)
     cfg = LossConfig()
-    assert toy_losses.generator_supported(energy, gen_enc, b, cfg, ABLATIONS["full"])
-    g_sp = toy_fused.spec(gen_enc.generator)
-    assert toy_losses._draw_pass(b, g_sp) is not None
+    assert fo.generator_supported(energy, gen_enc, b)
+    g_sp = tl.spec(gen_enc.generator)
+    assert fo._draw_pass(b, g_sp) is not None
     other = copy.deepcopy(gen_enc)
-    assert toy_losses.generator_supported(energy, other, b, cfg, ABLATIONS["full"])
-    assert toy_losses._draw_pass(b, toy_fused.spec(other.generator)) is None
-    assert toy_losses._draw_pass(dataclasses.replace(b, x_fake=b.x_fake * 1.0), g_sp) is None
+    assert fo.generator_supported(energy, other, b)
+    assert fo._draw_pass(b, tl.spec(other.generator)) is None
+    assert fo._draw_pass(dataclasses.replace(b, x_fake=b.x_fake * 1.0), g_sp) is None
     changed = _batch(other)
     with torch.no_grad():
         other.generator.net.decoder[2].weight.mul_(1.01)  # after the draw: autograd would refuse its backward
-    assert toy_losses._draw_pass(changed, toy_fused.spec(other.generator)) is None
-    loss, _ = generator_loss(energy, gen_enc, SCHEDULE, b, cfg, ABLATIONS["full"])
+    assert fo._draw_pass(changed, tl.spec(other.generator)) is None
+    loss, _ = fo.generator_loss(energy, gen_enc, SCHEDULE, b, cfg, ABLATIONS["full"])
     loss.backward()
     assert all(p.grad is not None for p in gen_enc.parameters())
 
@@ -168,9 +172,9 @@ def test_conditional_mlp_matches_its_modules(train):
         x = torch.randn(50, width, requires_grad=True)
         k = torch.randint(0, 4, (50,))
         g_out = torch.randn(50, mlp.decoder[5].out_features)
-        assert toy_fused.mlp_supported(mlp, x)
+        assert tl.mlp_supported(mlp, x)
         ref_mlp = copy.deepcopy(mlp)
-        fast = toy_fused.conditional_mlp(mlp, x, k)
+        fast = tf.conditional_mlp(mlp, x, k)
         slow = ref_mlp.decoder(ref_mlp.input(x, k))
         torch.testing.assert_close(fast, slow, **TOL)
         params, ref_params = [x, *mlp.parameters()], [x, *ref_mlp.parameters()]
@@ -195,10 +199,10 @@ def test_biases_ahead_of_a_training_batch_norm_get_exact_zero_gradients(groups):
     x, k, g = torch.randn(2 * 40, 4), torch.randint(0, 4, (2 * 40,)), torch.randn(2 * 40, 16)
     for train in (True, False):
         mlp.train(train)
-        assert toy_fused.mlp_supported(mlp, x)
+        assert tl.mlp_supported(mlp, x)
         with torch.no_grad():
-            _, cache = toy_fused.mlp_forward(toy_fused.spec(mlp), x, k, groups=groups)
-            _, grads = toy_fused.mlp_backward(toy_fused.spec(mlp), cache, g, False)
+            _, cache = tf.mlp_forward(tl.spec(mlp), x, k, groups=groups)
+            _, grads = tf.mlp_backward(tl.spec(mlp), cache, g, False)
         for (name, _), grad in zip(mlp.named_parameters(), grads):
             assert (name in zero and train) == (not grad.any()), name
 
@@ -213,11 +217,11 @@ def test_interleaved_passes_match_separate_calls(train):
     a, b = torch.randn(40, 4, requires_grad=True), torch.randn(40, 4, requires_grad=True)
     ka, kb = torch.randint(0, 4, (40,)), torch.randint(0, 4, (40,))
     g_a, g_b = torch.randn(40, 16), torch.randn(40, 16)
-    assert toy_fused.mlp_supported(mlp, a)
+    assert tl.mlp_supported(mlp, a)
     with torch.no_grad():
-        out, cache = toy_fused.mlp_forward(toy_fused.spec(mlp), torch.stack([a, b], 1).view(80, 4),
+        out, cache = tf.mlp_forward(tl.spec(mlp), torch.stack([a, b], 1).view(80, 4),
                                            torch.stack([ka, kb], 1).view(80), groups=2)
-        d_in, grads = toy_fused.mlp_backward(toy_fused.spec(mlp), cache, torch.stack([g_a, g_b], 1).view(80, 16),
+        d_in, grads = tf.mlp_backward(tl.spec(mlp), cache, torch.stack([g_a, g_b], 1).view(80, 16),
                                              True)
     out_a, out_b = ref.decoder(ref.input(a, ka)), ref.decoder(ref.input(b, kb))
     torch.testing.assert_close(out[0::2], out_a, **TOL)
@@ -236,8 +240,8 @@ def test_energy_value_input_gradient():
     x = torch.randn(64, 2, requires_grad=True)
     k = torch.randint(0, 4, (64,))
     w = torch.randn(64)
-    assert toy_fused.energy_supported(energy, x)
-    (g_fast,) = torch.autograd.grad((toy_fused.energy_value(energy, x, k) * w).sum(), x)
+    assert tl.energy_supported(energy, x)
+    (g_fast,) = torch.autograd.grad((tf.energy_value(energy, x, k) * w).sum(), x)
     (g_slow,) = torch.autograd.grad((energy(x, k) * w).sum(), x)
     torch.testing.assert_close(g_fast, g_slow, **TOL)
 
@@ -265,12 +269,12 @@ def test_base_measure_matches_autograd(k):
     _close(gen[0][4], (gen[0][2], gen[1][2]))
     frozen = copy.deepcopy(energy).requires_grad_(False)
     x, ks = torch.randn(64, 2, requires_grad=True), torch.randint(0, 4, (64,))
-    assert toy_fused.energy_supported(frozen, x)
-    (g_fast,) = torch.autograd.grad(toy_fused.energy_value(frozen, x, ks).sum(), x)
+    assert tl.energy_supported(frozen, x)
+    (g_fast,) = torch.autograd.grad(tf.energy_value(frozen, x, ks).sum(), x)
     (g_slow,) = torch.autograd.grad(frozen(x, ks).sum(), x)
     torch.testing.assert_close(g_fast, g_slow, **TOL)
     frozen.base_std = 0.0
-    assert toy_fused.energy_supported(frozen, x) and toy_fused.spec(frozen).base_std == 0.0
+    assert tl.energy_supported(frozen, x) and tl.spec(frozen).base_std == 0.0
 
 
 def test_fast_path_steps_aside():
@@ -280,40 +284,37 @@ def test_fast_path_steps_aside():
     wrapped_e, wrapped_g = copy.deepcopy(energy), copy.deepcopy(gen_enc)
     autocast_bf16(wrapped_e)
     autocast_bf16(wrapped_g)
-    assert not toy_fused.energy_supported(wrapped_e, x)
+    assert not tl.energy_supported(wrapped_e, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not toy_fused.mlp_supported(gen_enc.generator.net, torch.zeros(8, 4))
+        assert not tl.mlp_supported(gen_enc.generator.net, torch.zeros(8, 4))
     # hooks, another dtype, a swapped layer, the switch
     hooked = copy.deepcopy(energy)
     hooked.head[1].register_forward_hook(lambda *a: None)
-    assert not toy_fused.energy_supported(hooked, x)
-    assert not toy_fused.energy_supported(copy.deepcopy(energy).double(), x)
+    assert not tl.energy_supported(hooked, x)
+    assert not tl.energy_supported(copy.deepcopy(energy).double(), x)
     swapped = copy.deepcopy(energy)
     swapped.head[0] = torch.nn.PReLU()
-    assert not toy_fused.energy_supported(swapped, x)
+    assert not tl.energy_supported(swapped, x)
     # a replaced parameter (no scalar ==: compared by identity) renews the cached spec
     renewed = copy.deepcopy(energy)
-    assert toy_fused.energy_supported(renewed, x)
+    assert tl.energy_supported(renewed, x)
     renewed.head[1].weight = torch.nn.Parameter(renewed.head[1].weight.detach() * 2)
-    assert toy_fused.energy_supported(renewed, x) and toy_fused.spec(renewed).w2 is renewed.head[1].weight
+    assert tl.energy_supported(renewed, x) and tl.spec(renewed).w2 is renewed.head[1].weight
     # after the spec was cached: a hook, then a parameter put straight into its module's dictionary
     late = copy.deepcopy(energy)
-    assert toy_fused.energy_supported(late, x)
+    assert tl.energy_supported(late, x)
     handle = late.head[1].register_forward_pre_hook(lambda *a: None)
-    assert not toy_fused.energy_supported(late, x)
+    assert not tl.energy_supported(late, x)
     handle.remove()
     w2 = torch.nn.Parameter(late.head[1].weight.detach() * 2)
     late.head[1]._parameters["weight"] = w2
-    assert toy_fused.energy_supported(late, x) and toy_fused.spec(late).w2 is w2
-    with toy_fused.disabled():
-        assert not toy_fused.energy_supported(energy, x)
-        assert not toy_fused.mlp_supported(gen_enc.generator.net, torch.zeros(8, 4))
-    assert toy_fused.energy_supported(energy, x) and toy_fused.mlp_supported(gen_enc.generator.net, torch.zeros(8, 4))
-    # Other energies keep the generic losses (any energy(x, k) -> [B]).
+    assert tl.energy_supported(late, x) and tl.spec(late).w2 is w2
+    assert tl.energy_supported(energy, x) and tl.mlp_supported(gen_enc.generator.net, torch.zeros(8, 4))
+    # Other energies get the generic losses from the fast path's objectives (any energy(x, k) -> [B]).
     other = torch.nn.Sequential(torch.nn.Linear(2, 1))
     generic = lambda x, k: other(x).squeeze(1)  # noqa: E731
     b = _batch(gen_enc)
-    loss, stats = energy_loss(generic, SCHEDULE, b, LossConfig(r1_gamma=0.1))
+    loss, stats = fo.energy_loss(generic, SCHEDULE, b, LossConfig(r1_gamma=0.1))
     loss.backward()
     assert other[0].weight.grad is not None and "r1" in stats
 
@@ -324,23 +325,24 @@ def test_functional_call_takes_the_parameters_it_is_given():
     _, gen_enc = _nets()
     mlp = gen_enc.generator.net.eval()
     x, k = torch.randn(16, 4), torch.randint(0, 4, (16,))
-    before = mlp(x, k)
-    assert toy_fused.mlp_supported(mlp, x)
+    before = tf.conditional_mlp(mlp, x, k) if tl.mlp_supported(mlp, x) else None
+    assert before is not None
     scaled = {name: p.detach() * 1.5 for name, p in mlp.named_parameters()}
-    swapped = torch.func.functional_call(mlp, scaled, (x, k))
+    fused_call = lambda x, k: tf.conditional_mlp(mlp, x, k) if tl.mlp_supported(mlp, x) else mlp(x, k)  # noqa: E731
+    with torch.nn.utils.stateless._reparametrize_module(mlp, scaled):
+        swapped = fused_call(x, k)
     reference = copy.deepcopy(mlp)
     with torch.no_grad():
         for name, p in reference.named_parameters():
             p.copy_(scaled[name])
-    with toy_fused.disabled():
-        torch.testing.assert_close(swapped, reference(x, k), **TOL)
-    torch.testing.assert_close(mlp(x, k), before)
+    torch.testing.assert_close(swapped, reference(x, k), **TOL)
+    torch.testing.assert_close(fused_call(x, k), before)
 
 
 def test_double_backward_through_the_fused_generator_is_refused():
     _, gen_enc = _nets()
     x = torch.randn(16, 2, requires_grad=True)
-    out = gen_enc.generator(x, torch.zeros(16, dtype=torch.long), torch.randn(16, 2))
+    out = fo.generator_forward(gen_enc.generator, x, torch.zeros(16, dtype=torch.long), torch.randn(16, 2))
     (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
@@ -355,11 +357,12 @@ def test_trainer_takes_the_fast_path_for_the_toy_arch():
     t._train_only("generator")
     b = t._draw()
     assert type(b.x0_fake.grad_fn).__name__ == "_ConditionalMLPFunctionBackward"
+    assert t.objectives.name == "toy fast path"
     t._train_only("energy")
-    loss, _ = energy_loss(t.energy, t.schedule, b, t.cfg.loss)
+    loss, _ = t.objectives.energy_loss(t.energy, t.schedule, b, t.cfg.loss)
     assert type(loss.grad_fn).__name__ == "_EnergyObjectiveBackward"
     t._train_only("generator")
-    loss, _ = generator_loss(t.energy, t.gen_enc, t.schedule, b, t.cfg.loss, t.terms)
+    loss, _ = t.objectives.generator_loss(t.energy, t.gen_enc, t.schedule, b, t.cfg.loss, t.terms)
     assert type(loss.grad_fn).__name__ == "_GeneratorObjectiveBackward"
     t.train_step()
 
@@ -367,37 +370,37 @@ def test_trainer_takes_the_fast_path_for_the_toy_arch():
 def test_hidden_products(monkeypatch):
     x, w, b = torch.randn(50, 300), torch.randn(300, 300), torch.randn(300)
     exact = x.double() @ w.double().t() + b.double()
-    out = toy_fused.product(x, w, b)
+    out = cpu.product(x, w, b)
     # IEEE float32 (errors ~1e-5 at this size), not a reduced-precision mode (bf16 would be off by ~0.1)
     assert out.dtype == torch.float32 and (out.double() - exact).abs().max() < 1e-3
     exact_t = x.double() @ w.double()  # a transposed view, as the backward passes it
-    assert (toy_fused.product(x, w.t()).double() - exact_t).abs().max() < 1e-3
+    assert (cpu.product(x, w.t()).double() - exact_t).abs().max() < 1e-3
     calls = []
 
     def recorded(x, w, bias, *_):
         calls.append(tuple(w.shape))
         return torch.nn.functional.linear(x, w, bias)
 
-    monkeypatch.setattr(toy_fused, "_linear_onednn", recorded)
-    toy_fused.product(x, w)
-    toy_fused.product(x, w[:16])  # 16 outputs: ATen
-    assert torch.equal(toy_fused.product(x.double(), w.double()), x.double() @ w.double().t())  # float64: ATen
+    monkeypatch.setattr(cpu, "_linear_onednn", recorded)
+    cpu.product(x, w)
+    cpu.product(x, w[:16])  # 16 outputs: ATen
+    assert torch.equal(cpu.product(x.double(), w.double()), x.double() @ w.double().t())  # float64: ATen
     assert calls == [(300, 300)]
     monkeypatch.undo()
     from bench.common import flops_of  # the bench counts oneDNN's products too (torch's registry does not)
 
-    assert flops_of(lambda: toy_fused.product(x, w, b)) == 2 * 50 * 300 * 300
+    assert flops_of(lambda: cpu.product(x, w, b)) == 2 * 50 * 300 * 300
     if torch.backends.mkldnn.is_available():  # whichever backend this machine's CPU chose
         for backend in ("onednn", "aten"):
-            monkeypatch.setattr(toy_fused, "_linear_onednn", toy_fused._onednn_linear(backend))
-            assert flops_of(lambda: toy_fused.product(x, w, b)) == 2 * 50 * 300 * 300
-            assert (toy_fused.product(x, w, b).double() - exact).abs().max() < 1e-3
+            monkeypatch.setattr(cpu, "_linear_onednn", cpu.onednn_linear(backend))
+            assert flops_of(lambda: cpu.product(x, w, b)) == 2 * 50 * 300 * 300
+            assert (cpu.product(x, w, b).double() - exact).abs().max() < 1e-3
 
 
-def test_hidden_product_backend_choice(monkeypatch):
-    """oneDNN for the hidden products except on Intel CPUs (MKL), or as DDAEBM_TOY_LINEAR says; a bad value is
+def test_hidden_product_backend_choice():
+    """oneDNN for the hidden products except on Intel CPUs (MKL), or as train.fast_products says; a bad value is
     refused by name."""
-    choose = toy_fused._onednn_linear
+    choose = cpu.onednn_linear
     assert choose("auto", "GenuineIntel") is None and choose("aten", "AuthenticAMD") is None
     if torch.backends.mkldnn.is_available():
         onednn = torch.ops.mkldnn._linear_pointwise.default
@@ -405,8 +408,5 @@ def test_hidden_product_backend_choice(monkeypatch):
         assert choose("auto", "") is onednn
         x, w = torch.randn(20, 300), torch.randn(300, 300)
         assert (onednn(x, w, None, "none", [], "") - x @ w.t()).abs().max() < 1e-3
-    monkeypatch.setenv("DDAEBM_TOY_LINEAR", "aten")
-    assert choose(vendor="AuthenticAMD") is None
-    monkeypatch.setenv("DDAEBM_TOY_LINEAR", "mkl")
-    with pytest.raises(ValueError, match="DDAEBM_TOY_LINEAR='mkl'"):
-        choose()
+    with pytest.raises(ValueError, match="train.fast_products='mkl'"):
+        choose("mkl")

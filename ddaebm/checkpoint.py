@@ -4,9 +4,9 @@ A checkpoint is written into a temporary folder and renamed into place only when
 pointer is replaced atomically; so a job killed mid-save leaves the previous checkpoint as the newest
 complete one. Only the last `keep` checkpoints are kept. A `manifest.json` lists every file's size and
 sha256; resume verifies it and falls back to the previous checkpoint when the newest is truncated or
-corrupted. Under DeepSpeed every rank writes its engine shards into `engines/<name>/` of the same temporary
-folder (`save_checkpoint_ranks`); rank 0 writes state.pt, the manifest, the rename and the pointer only after
-all ranks finished.
+corrupted. Every rank writes what its engines keep outside state.pt (DeepSpeed's ZeRO shards) into
+`engines/<name>/` of the same temporary folder; rank 0 writes state.pt, the manifest, the rename and the
+pointer only after all ranks finished (`save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ddaebm import distributed
+from ddaebm.errors import BadInput
 from ddaebm.fsio import write_atomic
 
 STATE_FILE = "state.pt"
@@ -31,8 +33,8 @@ ENGINES = "engines"
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(BadInput):
+    """A checkpoint that is missing, truncated or altered (bad input: the run dir the user pointed at)."""
 
 
 class CheckpointWarning(UserWarning):
@@ -70,24 +72,15 @@ def _publish(run_dir: Path, tmp: Path, final: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """Write `state` as the checkpoint of `step`, point `latest` at it and prune old ones (one process)."""
-    root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:09d}"
-    tmp = root / f".{final.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _write_state(tmp, state)
-    _publish(run_dir, tmp, final, keep)
-    return final
+def save_checkpoint(run_dir: Path, step: int, engines: dict, state: Callable[[], dict], keep: int,
+                    lead: bool = True) -> Path:
+    """Write the checkpoint of `step`: every rank's engines save what state.pt cannot carry into
+    `engines/<name>/` of one temporary folder, rank 0 writes state.pt (`state()`), then seals the checkpoint
+    (manifest, rename, `latest`, pruning) after all ranks finished. Collective on every rank of a process group;
+    without one, the same steps in one process.
 
-
-def save_checkpoint_ranks(run_dir: Path, step: int, trainer, keep: int, lead: bool) -> Path:
-    """Collective save: every rank writes its engine shards, then rank 0 seals the checkpoint.
-
-    The temporary folder's name is the same on all ranks (they write into one folder). The checkpoint
-    exists for resume only once rank 0 renamed it after the barrier that follows every rank's writes.
+    The temporary folder's name is the same on all ranks (they write into one folder). The checkpoint exists for
+    resume only once rank 0 renamed it after the barrier that follows every rank's writes.
     """
     root = checkpoint_root(run_dir)
     final = root / f"step-{step:09d}"
@@ -97,11 +90,10 @@ def save_checkpoint_ranks(run_dir: Path, step: int, trainer, keep: int, lead: bo
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     distributed.barrier()
-    for name, engine in trainer.engines.items():
+    for name, engine in engines.items():
         engine.save(tmp / ENGINES / name)
-    state = trainer.state_dict()
     if lead:
-        _write_state(tmp, state)
+        _write_state(tmp, state())
     distributed.barrier()  # every rank's shards are on disk
     if lead:
         _publish(run_dir, tmp, final, keep)
