@@ -31,7 +31,7 @@ from bench.common import flops_of, peak_rss_gb, timed  # noqa: E402
 
 # The reference implementation at the CIFAR-10 configuration, batch 8, 2 threads, on this machine (issue 4).
 REFERENCE = {"s_per_it": 9.9, "img_per_s": 0.81, "gflop": 1706}
-# `mse_prior_z` is the official CIFAR code's objective (SPEC §5), the reference's math; the config's default is the
+# `mse_prior_z` is the official CIFAR code's objective (method.md §5), the reference's math; the config's default is the
 # paper's ELBO (`elbo_encoder`), which also backpropagates the encoder's generator pass.
 MSE = ["loss.recon_mode=mse_prior_z"]
 VARIANTS = {"elbo_encoder": [], "mse_prior_z": MSE, "mse_channels_last": MSE + ["model.channels_last=true"],

@@ -2,7 +2,7 @@
 
     python bench/nice_experiment.py --shards DIR --minutes 30 --out OUT [--threads 1] [overrides ...]
 
-`--method ddaebm` trains configs/mnist_nice.yaml (SPEC §7.5) with the project's trainer; `--method mle` trains the
+`--method ddaebm` trains configs/mnist_nice.yaml (method.md §7.5) with the project's trainer; `--method mle` trains the
 same NICEEnergy at k = 0 by maximum likelihood on the dequantised logit data (Adam, the config's lr and batch).
 Every `--eval-every` seconds of training the exact test log-likelihood (ddaebm.metrics.nice, the paper's logit
 space convention) is appended to OUT/curve-<method>.jsonl; at the end exact samples (and for DDAEBM the 4-step

@@ -65,7 +65,7 @@ def matmul_gflops(m: int = 200, k: int = 300, n: int = 300, iters: int = 2000) -
 
 
 def python_loop_25gaussians(batch: int) -> torch.Tensor:
-    """The official toy data path: points built in Python loops (SPEC §9), for the baseline only."""
+    """The official toy data path: points built in Python loops (method.md §9), for the baseline only."""
     import random
 
     centres = [(2 * i, 2 * j) for i in range(-2, 3) for j in range(-2, 3)]

@@ -1,26 +1,80 @@
-"""What cluster/sweep.py and cluster/train.py share: finding the checkout, starting or joining Ray, the rank setup
-inside a Ray Train worker, and training a ddaebm run in chunks with a report after each.
+"""What cluster/sweep.py and cluster/train.py share: the command-line options of a Ray job, finding the checkout,
+the launch check for the workers, starting or joining Ray, a Ray Train job of ddaebm workers and the rank setup
+inside one, and the test switch that kills a process once.
 
-`ray submit cluster.yaml sweep.py` uploads the script alone to the head node's home directory, so the scripts
-import this module from the checkout that holds the installed ddaebm (`load()` below) and register it with
-cloudpickle by value: Ray's workers then need nothing on their path but ddaebm itself.
-
-Training goes through ddaebm's own loop (`ddaebm.training.loop.train` with `slice_steps`), so a run directory
-written here has the layout, checkpoints and resume rule of `ddaebm train` and of slurm/launch.sh: any of the
-three continues a run another one started.
+How the scripts reach this module: `ray submit cluster.yaml sweep.py` uploads the script alone to the head
+node's home directory, so each script starts with the same few lines that put this folder on sys.path (beside
+the script, else the cluster/ folder of the checkout that holds the installed ddaebm) and import it; nothing of
+cluster/ is importable before them, which is why they cannot live here. `start_ray` then registers every module
+of this folder with cloudpickle by value, so Ray's workers receive their code with the trial or training
+function and need nothing on their path but ddaebm itself.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import shutil
+import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 EXIT_USAGE, EXIT_FAILED, EXIT_NONFINITE = 2, 1, 3  # as `ddaebm train`
 
+
+@dataclass(frozen=True)
+class WorkerShape:
+    """How a Ray Train job is laid out: its ranks, the resources each holds, and how often the group restarts."""
+
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_failures: int
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> WorkerShape:
+        return cls(args.workers, args.cpus_per_worker, args.gpus_per_worker, args.max_failures)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose help is the script's docstring, with CONFIG; the script adds its own options next."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=doc)
+    p.add_argument("config", help="ddaebm config (relative to the cwd or the checkout)")
+    return p
+
+
+def add_ray_options(p: argparse.ArgumentParser, workers_help: str, max_failures: int, failures_help: str) -> None:
+    """The worker shape, where Ray runs, and the test switch: the same flags in both scripts."""
+    p.add_argument("--workers", type=int, default=1, help=workers_help)
+    p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--gpus-per-worker", type=float, default=0, help="1 on GPU nodes: one GPU per rank")
+    p.add_argument("--max-failures", type=int, default=max_failures, help=failures_help)
+    p.add_argument("--local", action="store_true", help="start a private Ray here instead of joining the cluster")
+    p.add_argument("--num-cpus", type=int, help="--local: logical CPUs Ray may use (default all)")
+    p.add_argument("--crash-once-at", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL a process once
+
+
+def parse_with_overrides(p: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, list[str]]:
+    """(options, key=value overrides): the overrides are what argparse does not know, and must be key=value."""
+    args, overrides = p.parse_known_args(argv)
+    bad = [a for a in overrides if a.startswith("-") or "=" not in a]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    return args, overrides
+
+
+def usage_error(prog: str, err: Exception) -> int:
+    """Bad input, said in one line before Ray starts (nothing is left behind), with `ddaebm train`'s status."""
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------------------------- places
 
 def checkout_root() -> Path:
     """The ddaebm checkout: $DDAEBM_ROOT, else the folder above the installed (editable) ddaebm package."""
@@ -46,10 +100,22 @@ def default_run_root() -> Path:
     return Path(os.environ.get("DDAEBM_RUN_ROOT") or checkout_root() / "runs").resolve()
 
 
+def check_workers(cfg, shape: WorkerShape) -> None:
+    """ddaebm's launch check for `shape.workers` ranks where Ray will place them: CUDA counts as available only
+    when --gpus-per-worker gives each a GPU (the driver's own node, often a CPU-only head, does not train)."""
+    from ddaebm.launch import check_launch
+
+    check_launch(cfg, shape.workers, cuda_available=shape.gpus_per_worker > 0)
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+
 def start_ray(local: bool, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """A private Ray on this machine (--local), or the running cluster (`ray submit` runs on its head node)."""
+    """A private Ray on this machine (--local), or the running cluster (`ray submit` runs on its head node).
+    Before anything is shipped to a worker, this folder's modules are registered to travel by value."""
     import ray
 
+    ship_by_value()
     if local:
         # address="local" always starts a new instance: a bare ray.init() would join a cluster started earlier on
         # this machine by `ray start` (found through /tmp/ray), and then refuse num_cpus.
@@ -57,6 +123,35 @@ def start_ray(local: bool, num_cpus: int | None = None, num_gpus: int | None = N
                  log_to_driver=True)
     else:
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+
+
+def ship_by_value() -> None:
+    """Register every imported module of this folder with cloudpickle by value: a Ray worker's sys.path lacks
+    cluster/, so it must get their code with the function it runs rather than import them by name."""
+    from ray import cloudpickle
+
+    here = Path(__file__).resolve().parent
+    for name, module in list(sys.modules.items()):
+        source = getattr(module, "__file__", None)
+        if name != "__main__" and source and Path(source).resolve().parent == here:
+            cloudpickle.register_pickle_by_value(module)
+
+
+def torch_trainer(loop: Callable, loop_config: dict, shape: WorkerShape, timeout_s: float, name: str,
+                  storage: str, callbacks: tuple = ()):
+    """A Ray Train TorchTrainer running `loop(loop_config)` on `shape.workers` workers; the same name and
+    storage on a retry hand the workers the run's last registered checkpoint."""
+    from ray import train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpus = shape.gpus_per_worker
+    return TorchTrainer(
+        loop, train_loop_config=loop_config,
+        scaling_config=train.ScalingConfig(num_workers=shape.workers, use_gpu=gpus > 0,
+                                           resources_per_worker={"CPU": shape.cpus_per_worker, "GPU": gpus}),
+        torch_config=TorchConfig(timeout_s=timeout_s),
+        run_config=train.RunConfig(name=name, storage_path=str(storage), callbacks=list(callbacks),
+                                   failure_config=train.FailureConfig(max_failures=shape.max_failures)))
 
 
 def ray_rank_setup(backend: str):
@@ -82,22 +177,10 @@ def ray_rank_setup(backend: str):
     return env
 
 
-def rewind(run_dir: Path, step: int) -> None:
-    """Forget what a run dir holds past `step` (checkpoints, stats rows): a trial restored from step's checkpoint
-    redoes those steps, and must neither resume from nor log twice what the killed attempt left behind."""
-    from ddaebm.training.checkpoint import POINTER, checkpoint_root, complete_checkpoints
-
-    for ckpt in complete_checkpoints(run_dir):
-        if int(ckpt.name.split("-")[1]) > step:
-            shutil.rmtree(ckpt, ignore_errors=True)
-    (checkpoint_root(run_dir) / POINTER).unlink(missing_ok=True)  # falls back to the newest complete one
-    stats = run_dir / "stats.jsonl"
-    if stats.is_file():
-        rows = [line for line in stats.read_text().splitlines() if json.loads(line)["step"] <= step]
-        stats.write_text("".join(line + "\n" for line in rows))
-
+# ---------------------------------------------------------------------------------------------- runs
 
 def stats_rows(run_dir: Path, after_step: int = -1) -> list[dict]:
+    """The run's stats.jsonl rows past `after_step`: what a report says of the steps it covers."""
     path = run_dir / "stats.jsonl"
     if not path.is_file():
         return []
@@ -105,29 +188,14 @@ def stats_rows(run_dir: Path, after_step: int = -1) -> list[dict]:
     return [row for row in rows if row["step"] > after_step]
 
 
-def current_checkpoint(run_dir: Path, step: int) -> Path | None:
-    """The run dir's checkpoint of `step`, if that is the newest (a non-finite streak skips the slice's one)."""
-    from ddaebm.training.checkpoint import latest_checkpoint
-
-    latest = latest_checkpoint(run_dir)
-    return latest if latest is not None and latest.name == f"step-{step:09d}" else None
-
-
-def train_in_chunks(cfg, run_dir: Path, state: dict | None, rank: int, world: int, every: int,
-                    on_chunk: Callable) -> object:
-    """Train to cfg.train.steps in slices of `every` steps, each ending with a checkpoint; after each slice
-    `on_chunk(trainer, start_step, done)` reports. Returns the trainer. NonFiniteStop propagates."""
-    from ddaebm.training.loop import train
-
-    trainer = None
-    while True:
-        start = state["step"] if trainer is None and state else (trainer.step if trainer else 0)
-        trainer = train(cfg, run_dir, state if trainer is None else None, rank, world, trainer=trainer,
-                        slice_steps=every)
-        done = trainer.step >= cfg.train.steps
-        on_chunk(trainer, start, done)
-        if done:
-            return trainer
+def die_once(marker: Path, message: str) -> None:
+    """Test switch (--crash-once-at): SIGKILL this process, unless `marker` shows that one died already."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    log(message)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def log(msg: str) -> None:

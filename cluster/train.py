@@ -17,31 +17,20 @@ Exit status as `ddaebm train`: 0 done, 2 bad input (nothing started), 3 stopped 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
+CLUSTER = Path(__file__).resolve().parent  # ray_common's folder: see its docstring
+if not (CLUSTER / "ray_common.py").is_file():  # `ray submit` ran this file alone as ~/<name>.py
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != CLUSTER]  # a ~/ddaebm would shadow ddaebm
+    import ddaebm
 
-def _import_common():
-    """cluster/ray_common.py from beside this file, else from the checkout of the installed ddaebm."""
-    here = Path(__file__).resolve().parent
-    if not (here / "ray_common.py").is_file():
-        # `ray submit` runs this file as ~/<name>.py beside the synced checkout ~/ddaebm, which would shadow the
-        # installed package (as a namespace package) if the script's folder stayed first on the path.
-        sys.path = [p for p in sys.path if Path(p or ".").resolve() != here]
-        import ddaebm
+    CLUSTER = Path(os.environ.get("DDAEBM_ROOT") or Path(ddaebm.__file__).resolve().parents[1]) / "cluster"
+sys.path.insert(0, str(CLUSTER))
+import ray_common as common  # noqa: E402
 
-        here = Path(os.environ.get("DDAEBM_ROOT") or Path(ddaebm.__file__).resolve().parents[1]) / "cluster"
-    sys.path.insert(0, str(here))
-    import ray_common
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(ray_common)  # workers get its code with the training function
-    return ray_common
-
-
-common = _import_common()
+from ddaebm.errors import BadInput  # noqa: E402
 
 
 def worker_loop(job: dict) -> None:
@@ -61,7 +50,7 @@ def worker_loop(job: dict) -> None:
         if job["crash_once_at"] and (state or {}).get("step", 0) < job["crash_once_at"]:
             trainer = train(cfg, run_dir, state, env.rank, env.world, slice_steps=job["crash_once_at"] - state["step"]
                             if state else job["crash_once_at"])
-            crash_once(run_dir, env.rank)
+            common.die_once(run_dir / "ray" / "crashed-once", f"--crash-once-at: killing rank {env.rank}")
         trainer = train(cfg, run_dir, state if trainer is None else None, env.rank, env.world, trainer=trainer)
     except NonFiniteStop as err:  # not a failure to retry: the newest good checkpoint stays, as with the CLI
         common.log(f"rank {env.rank}: {err}")
@@ -71,54 +60,28 @@ def worker_loop(job: dict) -> None:
                       "step": trainer.step})
 
 
-def crash_once(run_dir: Path, rank: int) -> None:
-    """Test switch (--crash-once-at): one worker dies by SIGKILL after that step's checkpoint, once per run dir."""
-    import signal
-
-    try:
-        os.close(os.open(run_dir / "ray" / "crashed-once", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    common.log(f"--crash-once-at: killing rank {rank}")
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("config", help="ddaebm config (relative to the cwd or the checkout)")
+    p = common.script_parser(__doc__)
     p.add_argument("--name", help="run dir name (default: the config's name): <run root>/<name>")
     p.add_argument("--run-dir", help="run directory (default $DDAEBM_RUN_ROOT/<name>, root <checkout>/runs)")
     p.add_argument("--steps", type=int, help="total training iterations (train.steps)")
-    p.add_argument("--workers", type=int, default=1, help="ranks (Ray Train workers)")
-    p.add_argument("--cpus-per-worker", type=float, default=1)
-    p.add_argument("--gpus-per-worker", type=float, default=0, help="1 on GPU nodes: one GPU per rank")
-    p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts after a worker/node died")
-    p.add_argument("--local", action="store_true", help="start a private Ray here instead of joining the cluster")
-    p.add_argument("--num-cpus", type=int, help="--local: logical CPUs Ray may use (default all)")
-    p.add_argument("--crash-once-at", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL one worker once
-    args, overrides = p.parse_known_args(argv)
-    bad = [a for a in overrides if a.startswith("-") or "=" not in a]
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    common.add_ray_options(p, "ranks (Ray Train workers)", max_failures=3,
+                           failures_help="worker-group restarts after a worker/node died")
+    args, overrides = common.parse_with_overrides(p, argv)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     return args, overrides
 
 
 def plan(args, overrides: list[str]) -> tuple[dict, object]:
-    """Everything checked before Ray starts (bad input leaves nothing behind, as with the CLI)."""
-    from ddaebm.config import ConfigError, load_config
+    """(the job every worker gets, the config): everything checked before Ray starts (bad input leaves nothing
+    behind, as with the CLI)."""
+    from ddaebm.config import load_config
     from ddaebm.training.loop import prepare_run
 
     config = common.resolve_config(args.config)
     cfg = load_config(config, overrides)
-    if cfg.data.batch % args.workers:
-        raise ConfigError(f"data.batch={cfg.data.batch} is the global batch and must divide over the "
-                          f"{args.workers} workers")
-    if cfg.dist.backend == "torch" and args.workers > 1:
-        raise ConfigError(f"dist.backend=torch trains in one process; add dist.backend=deepspeed for {args.workers} "
-                          "workers")
+    common.check_workers(cfg, common.WorkerShape.of(args))
     # Like slurm/launch.sh with its job name: --name picks the folder, the config keeps its own name.
     run_dir = Path(args.run_dir).resolve() if args.run_dir else common.default_run_root() / (args.name or cfg.name)
     state = prepare_run(cfg, run_dir, "auto", warn=True)  # a run dir of another experiment is refused here
@@ -128,35 +91,29 @@ def plan(args, overrides: list[str]) -> tuple[dict, object]:
     return job, cfg
 
 
-def main(argv=None) -> int:
-    from ddaebm.config import ConfigError
-    from ddaebm.training.checkpoint import CheckpointError, latest_checkpoint
+def reached_step(run_dir: Path) -> int:
+    """The step of the run's newest complete checkpoint (0 without one)."""
+    from ddaebm.checkpoint import latest_checkpoint
 
+    latest = latest_checkpoint(run_dir)
+    return int(latest.name.split("-")[1]) if latest else 0
+
+
+def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     try:
         job, cfg = plan(args, overrides)
-    except (ConfigError, CheckpointError, ValueError) as err:
-        print(f"train: error: {err}", file=sys.stderr)
-        return common.EXIT_USAGE
+    except BadInput as err:
+        return common.usage_error("train", err)
     common.start_ray(args.local, args.num_cpus)
-    from ray import train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    gpus = args.gpus_per_worker
-    trainer = TorchTrainer(
-        worker_loop, train_loop_config=job,
-        scaling_config=train.ScalingConfig(num_workers=args.workers, use_gpu=gpus > 0,
-                                           resources_per_worker={"CPU": args.cpus_per_worker, "GPU": gpus}),
-        torch_config=TorchConfig(timeout_s=cfg.dist.timeout_s),
-        run_config=train.RunConfig(name="ray", storage_path=job["run_dir"],
-                                   failure_config=train.FailureConfig(max_failures=args.max_failures)))
+    trainer = common.torch_trainer(worker_loop, job, common.WorkerShape.of(args), cfg.dist.timeout_s, name="ray",
+                                   storage=job["run_dir"])
     try:
         trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray's TrainingFailedError and friends, after the restarts
         print(f"train: error: the Ray Train job failed: {err}", file=sys.stderr)
         return common.EXIT_FAILED
-    latest = latest_checkpoint(Path(job["run_dir"]))
-    step = int(latest.name.split("-")[1]) if latest else 0
+    step = reached_step(Path(job["run_dir"]))
     if step < cfg.train.steps:
         print(f"train: error: stopped at step {step} of {cfg.train.steps} (non-finite losses; see the log)",
               file=sys.stderr)

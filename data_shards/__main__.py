@@ -4,7 +4,7 @@
                                  [--resolution R] [--limit N] [--workers N] [--overwrite] ...
     python -m data_shards verify DIR [--name NAME] [--split SPLIT] [--decode]
 
-SOURCE is one of folder, cifar10, lsun, celeba, mnist, stackedmnist. Examples (SPEC §8, §10):
+SOURCE is one of folder, cifar10, lsun, celeba, mnist, stackedmnist. Examples (method.md §8, §10):
 
     python -m data_shards cifar10 --input cifar-10-batches-py --out shards/cifar10 --split train
     python -m data_shards celeba --input img_align_celeba --partition list_eval_partition.txt --out shards/celeba64 \\

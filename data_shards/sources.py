@@ -3,7 +3,7 @@ Record, label info and a description of the source for the manifest.
 
 Encodings: CIFAR, MNIST and StackedMNIST are written as lossless PNG; folder and LSUN images keep their own
 encoding (bytes copied) unless --resolution asks for a resize; CelebA64 is cropped to the box (15, 40, 163, 188)
-and resized to 64 (SPEC §8), then stored as PNG so the crop is not compressed twice.
+and resized to 64 (method.md §8), then stored as PNG so the crop is not compressed twice.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def _lmdb_items(path: Path, numeric: bool) -> Iterable[tuple[bytes, bytes]]:
 
 def lsun(input: Path, split: str, resolution: int | None = None, limit: int | None = None) -> Source:
     """An LSUN LMDB (`<category>_<split>_lmdb`; keys -> encoded webp/jpeg, as LSUN's `export` tool reads it), in
-    key order; `--limit 120000` gives DDGAN/DDAEBM's first 120k church images (SPEC §8)."""
+    key order; `--limit 120000` gives DDGAN/DDAEBM's first 120k church images (method.md §8)."""
     jobs = ((v, None, k.decode()) for k, v in _lmdb_items(input, numeric=False))
     return Source(_limited(jobs, limit), partial(_from_bytes, resolution=resolution), None,
                   {"kind": "lsun", "path": str(input), "order": "lmdb key", "resolution": resolution, "limit": limit})
@@ -238,7 +238,7 @@ def _stacked_job(job, pad: int) -> Record:
 
 def stackedmnist(input: Path, split: str, num_samples: int | None = None, seed: int = 0, resolution: int = 32,
                  limit: int | None = None) -> Source:
-    """StackedMNIST (SPEC §10): three MNIST digits drawn uniformly with replacement
+    """StackedMNIST (method.md §10): three MNIST digits drawn uniformly with replacement
     (`default_rng(seed).integers(0, N, (num_samples, 3))`) become the R, G, B channels; label 100a+10b+c
     (1000 modes); zero-padded from 28² to `resolution`² (DDGAN pads to 32)."""
     images, labels = load_mnist(input, split)

@@ -91,7 +91,7 @@ def init(env: DistEnv, backend: str, timeout_s: int) -> None:
     """Start the process group (gloo on CPU, nccl on GPU) whose collectives fail after `timeout_s`."""
     if not needs_group(env, backend) or is_initialized():
         return
-    # A single DeepSpeed process without a launcher would try MPI discovery (STACK_NOTES).
+    # A single DeepSpeed process without a launcher would try MPI discovery (docs/architecture.md).
     defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
@@ -159,7 +159,7 @@ def shutdown(code: int) -> None:
     """Leave the process group and exit with `code`, never returning.
 
     gloo/DeepSpeed processes abort at interpreter exit now and then ("terminate called without an active
-    exception"); barrier, destroy, flush and os._exit exits cleanly (STACK_NOTES). A failed peer makes the
+    exception"); barrier, destroy, flush and os._exit exits cleanly (docs/architecture.md). A failed peer makes the
     barrier raise after the timeout; the exit code is kept either way.
     """
     if is_initialized():

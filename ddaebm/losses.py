@@ -1,7 +1,7 @@
-"""The two objectives of one DDAEBM iteration (SPEC §5), with every switch of SPEC §5-§6.
+"""The two objectives of one DDAEBM iteration (method.md §5), with every switch of method.md §5-§6.
 
 One iteration draws a `StepBatch` (k, x_k, x_{k+1}, z and the generator's x̃_k, its graph kept) and both
-players use it: the energy step on the detached x̃_k, the generator+encoder step through it (SPEC §5: the
+players use it: the energy step on the detached x̃_k, the generator+encoder step through it (method.md §5: the
 official code shares one sample between the two steps; DDGAN redraws).
 """
 
@@ -22,7 +22,7 @@ from ddaebm.diffusion.schedule import (Schedule, diffuse_pair, importance_weight
 
 @dataclass(frozen=True)
 class Terms:
-    """Which parts of the generator objective are on; the paper's ablations are presets (SPEC §6)."""
+    """Which parts of the generator objective are on; the paper's ablations are presets (method.md §6)."""
 
     latent: bool  # z ~ N(0, I); off: z ≡ 0 in training and sampling
     encoder: bool  # q_ψ exists and is trained
@@ -68,7 +68,7 @@ def module_forward(generator: nn.Module, x_k1: torch.Tensor, k: torch.Tensor, z:
 def draw_step_batch(x0: torch.Tensor, s: Schedule, generator: nn.Module, terms: Terms, nz: int,
                     rng: torch.Generator, rank: int = 0, world: int = 1, nce_std: float | None = None,
                     step_probs: list[float] | None = None, forward: Callable = module_forward) -> StepBatch:
-    """Draw k, the real pair and the generator's fake x̃_k for one iteration (SPEC §1.5, §3, §5).
+    """Draw k, the real pair and the generator's fake x̃_k for one iteration (method.md §1.5, §3, §5).
 
     x0 is this rank's slice of a global batch of world·len(x0) rows. Every rank draws k and the noises for the
     whole global batch (the same generator state everywhere) and keeps its rows, so a run is the same at any
@@ -121,14 +121,14 @@ def r1_enabled(cfg: LossConfig) -> bool:
 
 
 def r1_expected_constant(s: Schedule, k: torch.Tensor, dim: int, gamma: torch.Tensor | float) -> torch.Tensor:
-    """E of the full-conditional R1 penalty when ∇f ≡ 0: (γ/2)·d·a²/σ² averaged over the batch (SPEC §5);
+    """E of the full-conditional R1 penalty when ∇f ≡ 0: (γ/2)·d·a²/σ² averaged over the batch (method.md §5);
     `gamma` a number or one per row."""
     return 0.5 * dim * (gamma * s.a[k + 1] ** 2 / s.beta[k + 1]).mean()
 
 
 def r1_penalty(energy: nn.Module, s: Schedule, b: StepBatch, f_real: torch.Tensor, cfg: LossConfig,
                scale: float = 1.0) -> torch.Tensor:
-    """(γ/2)·mean‖∇_{x_k}[f(x_k, k) + log N(x_{k+1}; a x_k, σ²)]‖² (SPEC §5), differentiable in θ.
+    """(γ/2)·mean‖∇_{x_k}[f(x_k, k) + log N(x_{k+1}; a x_k, σ²)]‖² (method.md §5), differentiable in θ.
 
     The transition's score a(x_{k+1} − a x_k)/σ² is added in closed form; it has zero mean given x_k and only
     adds the θ-independent constant of `r1_expected_constant` in expectation.
@@ -159,7 +159,7 @@ def nce_value(h_data: torch.Tensor, h_noise: torch.Tensor, rows: int, num_steps:
     number rows/T rather than the number drawn, so that every rank's term adds up to the global batch's.
 
     Its minimum over f is h = log p_data − log N(0, std²I): f(·, 0) = log p_data + const over the whole space the
-    noise covers. The conditional EBM loss at k = 0 compares only points within σ_1 of each other (SPEC §1.5), so
+    noise covers. The conditional EBM loss at k = 0 compares only points within σ_1 of each other (method.md §1.5), so
     the relative levels of distant modes, and the floor between them, are otherwise left free.
     """
     return (F.softplus(-h_data).sum() + F.softplus(h_noise).sum()) * (num_steps / rows)
@@ -167,10 +167,10 @@ def nce_value(h_data: torch.Tensor, h_noise: torch.Tensor, rows: int, num_steps:
 
 def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, with_r1: bool = True,
                 r1_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_D = mean[−f(x_k) + w_fake·f(sg(x̃_k))] + R1 (SPEC §5) [+ λ_nce·NCE]; Gaussian terms cancel in ∂/∂θ.
+    """L_D = mean[−f(x_k) + w_fake·f(sg(x̃_k))] + R1 (method.md §5) [+ λ_nce·NCE]; Gaussian terms cancel in ∂/∂θ.
 
     Real and fake take separate passes: in one pass of 2B, the R1 double backward would also run over the
-    fake half (measured: +13% FLOPs per iteration).
+    fake half.
     """
     f_real = energy(b.x_k, b.k)
     f_fake = energy(b.x_fake.detach(), b.k)
@@ -208,7 +208,7 @@ def _gaussian_nll(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> tor
 
 
 def recon_variance(s: Schedule, k: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """v_k = max(σ̃²_k (floored as in the posterior), floor[, σ̃²_1]) of the recon Gaussian (SPEC §5.4)."""
+    """v_k = max(σ̃²_k (floored as in the posterior), floor[, σ̃²_1]) of the recon Gaussian (method.md §5.4)."""
     post_var = torch.exp(s.post_logvar)
     floor = cfg.recon_var_floor
     if cfg.recon_var_floor_step1 and s.num_steps > 1:
@@ -228,7 +228,7 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
 
 def generator_loss(energy: nn.Module, gen_enc: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig,
                    terms: Terms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_G = −E_F + L_lat + L_rec + L_KL (SPEC §5), with the terms `terms` switches on."""
+    """L_G = −E_F + L_lat + L_rec + L_KL (method.md §5), with the terms `terms` switches on."""
     x_k = b.x_k.detach()
     f_fake = energy(b.x_fake, b.k)
     e_f = (f_fake + log_transition(s, b.x_fake, b.x_k1, b.k)).mean()
@@ -253,7 +253,7 @@ def generator_loss(energy: nn.Module, gen_enc: nn.Module, s: Schedule, b: StepBa
 
 def recon_loss(gen_enc: nn.Module, s: Schedule, b: StepBatch, x_k: torch.Tensor, mu, logvar, cfg: LossConfig,
                terms: Terms) -> torch.Tensor:
-    """The reconstruction term in one of its two forms (SPEC §5.4, §5 discrepancy 1)."""
+    """The reconstruction term in one of its two forms (method.md §5.4, §5 discrepancy 1)."""
     if cfg.recon_mode == "mse_prior_z":
         # Official CIFAR/CelebA HEAD: MSE to the posterior mean of the prior-z output; encoder unused here.
         mean = posterior_mean(s, b.x0_fake, b.x_k1, b.k)

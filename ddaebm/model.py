@@ -143,7 +143,7 @@ class Model:
 
     def generate(self, num: int, seed: int, refine_samples: bool = False, use_ema: bool | None = None,
                  indices=None, batch: int = 10_000) -> torch.Tensor:
-        """num samples (on the model's device), optionally energy-refined (SPEC §7.1, §7.2).
+        """num samples (on the model's device), optionally energy-refined (method.md §7.1, §7.2).
 
         use_ema: the EMA generator (and energy, for refinement) when kept; None follows sample.use_ema. Image and
         NICE models draw sample i from its own seed (sampling.sample_indexed): `indices` picks which samples.
@@ -162,7 +162,7 @@ class Model:
         return refine(energy, x, self.cfg.sample.refine_step) if refine_samples else x
 
     def density(self, grid: int, lo: float, hi: float, use_ema: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(side, f(x, k=0) on the grid) (SPEC §7.3); use_ema None follows eval.energy_ema."""
+        """(side, f(x, k=0) on the grid) (method.md §7.3); use_ema None follows eval.energy_ema."""
         side = grid_side(lo, hi, grid)
         _, energy = self.sampling_networks(self.cfg.eval.energy_ema if use_ema is None else use_ema)
         return side, energy_grid(energy, side)

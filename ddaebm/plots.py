@@ -1,4 +1,4 @@
-"""PNG figures for the run directory: sample scatter plots and normalised energy densities (SPEC §7.3)."""
+"""PNG figures for the run directory: sample scatter plots and normalised energy densities (method.md §7.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sampling from a trained model (SPEC §7): the 4-step ancestral sampler, energy refinement, density grids."""
+"""Sampling from a trained model (method.md §7): the 4-step ancestral sampler, energy refinement, density grids."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def precise_bn(generator: nn.Module, inputs: Iterable[tuple[torch.Tensor, ...]])
 @torch.no_grad()
 def denoise(generator: nn.Module, s: Schedule, x: torch.Tensor, from_step: int, nz: int, rng: torch.Generator,
             use_latent: bool = True) -> torch.Tensor:
-    """x_0 from x = x_{from_step+1} through the generator steps k = from_step … 0 (SPEC §7.1)."""
+    """x_0 from x = x_{from_step+1} through the generator steps k = from_step … 0 (method.md §7.1)."""
     n, dev = x.shape[0], x.device  # the noise comes from a CPU generator whatever the device (reproducible)
     for step in reversed(range(from_step + 1)):
         k = torch.full((n,), step, dtype=torch.long, device=dev)
@@ -74,7 +74,7 @@ def denoise(generator: nn.Module, s: Schedule, x: torch.Tensor, from_step: int, 
 def sample(generator: nn.Module, s: Schedule, num: int, data_shape: tuple[int, ...], nz: int,
            rng: torch.Generator, use_latent: bool = True, batch: int = 10_000,
            bn_train: bool = False) -> torch.Tensor:
-    """num samples x_0 from x_T ~ N(0, I) through T generator steps (NFE = T, SPEC §7.1)."""
+    """num samples x_0 from x_T ~ N(0, I) through T generator steps (NFE = T, method.md §7.1)."""
     chunks = []
     with bn_mode(generator, bn_train):
         for start in range(0, num, batch):
@@ -106,7 +106,7 @@ def indexed_noise(seed: int, indices, data_shape: tuple[int, ...], nz: int, num_
 @torch.no_grad()
 def sample_indexed(generator: nn.Module, s: Schedule, indices, seed: int, data_shape: tuple[int, ...], nz: int,
                    device: torch.device | str = "cpu", use_latent: bool = True) -> torch.Tensor:
-    """The samples `indices` (a sequence of ints) from x_T ~ N(0, I) through T generator steps (SPEC §7.1).
+    """The samples `indices` (a sequence of ints) from x_T ~ N(0, I) through T generator steps (method.md §7.1).
 
     Every random number of sample i comes from sample_seed(seed, i): the result does not depend on how the
     indices are batched or split over ranks (up to the floating-point order of batched kernels).
@@ -119,7 +119,7 @@ def sample_indexed(generator: nn.Module, s: Schedule, indices, seed: int, data_s
 
 
 def refine(energy: nn.Module, x: torch.Tensor, step_size: float) -> torch.Tensor:
-    """One denoising step x + s·∇_x f_θ(x, 0) on final samples (SPEC §7.2; s is a hyperparameter)."""
+    """One denoising step x + s·∇_x f_θ(x, 0) on final samples (method.md §7.2; s is a hyperparameter)."""
     x = x.detach().requires_grad_(True)
     k = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     (grad,) = torch.autograd.grad(energy(x, k).sum(), x)
@@ -132,7 +132,7 @@ def grid_side(lo: float, hi: float, n: int) -> np.ndarray:
 
 @torch.no_grad()
 def energy_grid(energy: nn.Module, side: np.ndarray, k: int = 0, batch: int = 40_000) -> np.ndarray:
-    """f_θ(x, k) on the grid side×side: entry [i, j] at (x = side[j], y = side[i]) (SPEC §7.3)."""
+    """f_θ(x, k) on the grid side×side: entry [i, j] at (x = side[j], y = side[i]) (method.md §7.3)."""
     xs, ys = np.meshgrid(side, side)
     pts = torch.from_numpy(np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)).to(_device(energy))
     out = []

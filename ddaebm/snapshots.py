@@ -59,7 +59,7 @@ def save_snapshot(model: Model, run_dir: Path, step: int) -> None:
 
 
 def save_image_snapshot(model: Model, out: Path, step: int, num: int = 64) -> None:
-    """fakes-STEP.png (4-step samples 0..63); for NICE also exact-STEP.png, exact samples of f(·, 0) (SPEC §7.5)."""
+    """fakes-STEP.png (4-step samples 0..63); for NICE also exact-STEP.png, exact samples of f(·,0) (method.md §7.5)."""
     from ddaebm.data.pixels import save_grid, to_uint8
 
     prep = model.cfg.data.preprocess

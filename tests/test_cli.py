@@ -47,7 +47,7 @@ def test_round_trip(tmp_path, cli_env):
 
 
 def test_density_grid_orientation(tmp_path, cli_env):
-    """Entry [i, j] is at (x = side[j], y = side[i]) (SPEC §7.3)."""
+    """Entry [i, j] is at (x = side[j], y = side[i]) (method.md §7.3)."""
     import torch
 
     from ddaebm.config import load_config
@@ -86,3 +86,24 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, cli_env):
 def test_print_config(tmp_path, cli_env):
     r = run_cli(["print-config", CFG, "loss.r1_gamma=0.25"], tmp_path, cli_env)
     assert r.returncode == 0 and "r1_gamma: 0.25" in r.stdout and "dataset: 25gaussians" in r.stdout
+
+
+def test_only_bad_input_is_exit_2_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """ddaebm.errors.BadInput (and its ConfigError, CheckpointError) is bad input: one line, exit 2. Any other
+    exception, a ValueError from deep inside included, is a bug and propagates with its traceback (exit 1)."""
+    from ddaebm import cli
+    from ddaebm.errors import BadInput
+
+    def bug(*_args, **_kwargs):
+        raise ValueError("a bug deep in the code")
+
+    monkeypatch.setattr(cli, "load_config", bug)
+    with pytest.raises(ValueError, match="a bug deep"):
+        cli.main(["print-config", CFG])
+
+    def bad(*_args, **_kwargs):
+        raise BadInput("train.steps must be ≥ 1")
+
+    monkeypatch.setattr(cli, "load_config", bad)
+    assert cli.main(["print-config", CFG]) == 2
+    assert capsys.readouterr().err.strip() == "ddaebm: error: train.steps must be ≥ 1"

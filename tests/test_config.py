@@ -12,7 +12,7 @@ def test_toy_configs_load_and_name_after_file():
                  "moons", "circles"):
         cfg = load_config(CONFIGS / "toy" / f"{name}.yaml")
         assert cfg.name == name and cfg.data.dataset == name
-        # The toy schedule ends at noise (SPEC §1.7): the sampler's N(0, I) start matches x_T.
+        # The toy schedule ends at noise (method.md §1.7): the sampler's N(0, I) start matches x_T.
         assert build_schedule(cfg.diffusion).alpha_bar[-1] < 1e-3
 
 

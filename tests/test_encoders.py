@@ -1,4 +1,4 @@
-"""Image encoders q_ψ(z | x_k, x_{k+1}, k) (SPEC §4): shapes, batch 1, logvar bounds, gradients, parameter counts."""
+"""Image encoders q_ψ(z | x_k, x_{k+1}, k) (method.md §4): shapes, batch 1, logvar bounds, gradients, parameters."""
 
 import pytest
 import torch
@@ -25,7 +25,7 @@ def n_params(module):
 
 
 def strided_count(in_ch, ngf, depth, nz, t):
-    """Hand count of the official Encoder_small/_64 with t_emb_dim t (SPEC §4)."""
+    """Hand count of the official Encoder_small/_64 with t_emb_dim t (method.md §4)."""
     widths = [ngf * 2**i for i in range(depth)]
     convs = in_ch * widths[0] * 9 + sum(a * b * 16 for a, b in zip(widths[:-1], widths[1:]))
     t_bias = sum(t * w + w for w in widths)

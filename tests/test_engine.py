@@ -6,7 +6,8 @@ import copy
 import torch
 
 from ddaebm.config import OptimConfig
-from ddaebm.training.engine import TorchEngine, fast_adam_steps, fused_adam_step
+from ddaebm.training.engine import TorchEngine
+from ddaebm.training.perf import fast_adam_steps, fused_adam_step
 
 
 def _net():
@@ -23,7 +24,7 @@ def test_direct_step_is_bitwise_adam():
     for i in range(12):
         x = torch.randn(9, 5)
         engine.zero_grad()
-        engine.backward(ours(x).pow(2).sum())
+        engine.backward_agreed(ours(x).pow(2).sum(), [False])
         direct += fused_adam_step(engine.optimizer)  # the step itself, to count it
         adam.zero_grad()
         ref(x).pow(2).sum().backward()
@@ -45,17 +46,17 @@ def test_direct_step_is_bitwise_adam():
 
 def test_direct_step_steps_aside():
     engine = TorchEngine(_net(), 1e-3, OptimConfig())
-    engine.backward(engine.module(torch.randn(3, 5)).sum())
+    engine.backward_agreed(engine.module(torch.randn(3, 5)).sum(), [False])
     engine.step()  # creates the state
-    engine.backward(engine.module(torch.randn(3, 5)).sum())
+    engine.backward_agreed(engine.module(torch.randn(3, 5)).sum(), [False])
     hooked = copy.copy(engine)
     handle = engine.optimizer.register_step_pre_hook(lambda *a: None)
     assert not fused_adam_step(hooked.optimizer)
     handle.remove()
     unfused = TorchEngine(_net(), 1e-3, OptimConfig(fused=False))
-    unfused.backward(unfused.module(torch.randn(3, 5)).sum())
+    unfused.backward_agreed(unfused.module(torch.randn(3, 5)).sum(), [False])
     unfused.step()
-    unfused.backward(unfused.module(torch.randn(3, 5)).sum())
+    unfused.backward_agreed(unfused.module(torch.randn(3, 5)).sum(), [False])
     assert not fused_adam_step(unfused.optimizer)
     assert fused_adam_step(engine.optimizer)
 
@@ -99,7 +100,7 @@ def test_shared_step_counter_survives_a_reload_and_a_missing_gradient():
         for net in (ours, ref):
             net[0].bias.requires_grad_(not frozen)
         engine.zero_grad()
-        engine.backward(ours(x).pow(2).sum())
+        engine.backward_agreed(ours(x).pow(2).sum(), [False])
         engine.step()
         adam.zero_grad()
         ref(x).pow(2).sum().backward()
@@ -117,7 +118,7 @@ def test_flat_parameters_and_the_ema_average():
     import copy
 
     from ddaebm.training.ema import EMA, contiguous_whole
-    from ddaebm.training.engine import flatten_parameters
+    from ddaebm.training.perf import flatten_parameters
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 2))

@@ -1,4 +1,4 @@
-"""The energy and generator objectives: each switch and ablation changes exactly the terms it names (SPEC §5-§6)."""
+"""The energy and generator objectives: each switch and ablation changes just the terms it names (method.md §5-§6)."""
 
 import dataclasses
 
@@ -37,9 +37,9 @@ def _setup(ablation="full", seed=0, n=64):
 
 
 def test_r1_constant_full_conditional():
-    """With f ≡ 0 the full-conditional penalty averages to (γ/2)·d·a²/σ² (SPEC §5, §13), ±3%.
+    """With f ≡ 0 the full-conditional penalty averages to (γ/2)·d·a²/σ² (method.md §5, §13), ±3%.
 
-    SPEC §13 asks for 1e4 samples; its k = 0 terms are χ²₂-distributed, so 1e4 leaves a 2% standard error:
+    method.md §13 asks for 1e4 samples; its k = 0 terms are χ²₂-distributed, so 1e4 leaves a 2% standard error:
     4e4 keeps the 3% bound at three standard errors.
     """
     energy = ZeroEnergy()
@@ -171,7 +171,7 @@ def test_recon_switches():
 
 
 def test_mse_prior_z_gives_encoder_no_recon_gradient():
-    """SPEC §5 bug B7: in the official CIFAR recon, the encoder gets gradient only from KL and L_lat."""
+    """method.md §5 bug B7: in the official CIFAR recon, the encoder gets gradient only from KL and L_lat."""
     energy, gen_enc, _, b = _setup()
     energy.requires_grad_(False)
     terms = dataclasses.replace(ABLATIONS["full"], kl=False, entropy=False)

@@ -1,4 +1,4 @@
-"""The image U-Nets (SPEC §2, §3, §8) and their plain-PyTorch FIR resampling (SPEC §11 B8)."""
+"""The image U-Nets (method.md §2, §3, §8) and their plain-PyTorch FIR resampling (method.md §11 B8)."""
 
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def test_bf16_autocast_runs_and_energy_stays_fp32():
 
 
 def test_r1_double_backward_reaches_every_parameter():
-    """The R1 penalty differentiates ‖∇_x f‖² with respect to θ (SPEC §5)."""
+    """The R1 penalty differentiates ‖∇_x f‖² with respect to θ (method.md §5)."""
     energy = _perturb_output(NCSNppEnergy(**SMALL))
     x, k = _inputs(SMALL)
     x.requires_grad_(True)

@@ -1,4 +1,4 @@
-"""Toy networks (SPEC §2-§4): shapes, the step embedding, and the folded first layer against its literal form."""
+"""Toy networks (method.md §2-§4): shapes, the step embedding, and the folded first layer against its literal form."""
 
 import math
 

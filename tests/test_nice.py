@@ -1,4 +1,4 @@
-"""MNIST networks (SPEC §7.5): NICE_t is an exact, normalised, invertible density for every k; the MLP G/E
+"""MNIST networks (method.md §7.5): NICE_t is an exact, normalised, invertible density for every k; the MLP G/E
 and the logit preprocessing."""
 
 import math

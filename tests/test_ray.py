@@ -180,10 +180,11 @@ def test_train_py_continues_a_cli_run_and_survives_a_killed_worker(tmp_path):
     print(f"\ncluster/train.py: 2 workers, 40 steps with one worker killed and restarted: {ray_s:.1f} s")
 
 
-def _sweep_module():
+def _space_module():
+    """cluster/sweep_space.py, the sweep's search-space parsing (pure: no Ray, no ray_common)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ddaebm_sweep_under_test", SWEEP)
+    spec = importlib.util.spec_from_file_location("ddaebm_sweep_space_under_test", SWEEP.parent / "sweep_space.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -192,24 +193,26 @@ def _sweep_module():
 def test_param_values_may_be_lists():
     """--param splits its values at the commas outside brackets: a list-valued key (per-step γ) can be swept, and
     the trial's override reads back as that list."""
-    sweep = _sweep_module()
-    space = sweep.read_space(None, ["loss.r1_gamma_scale=grid:[20,5,1,1],[1,1,1,1]",
-                                    "loss.r1_gamma=loguniform:1e-4,1e-1", "diffusion.grid=choice:eps,drl"], None)
+    from ddaebm.errors import BadInput
+
+    space_of = _space_module()
+    space = space_of.read_space(None, ["loss.r1_gamma_scale=grid:[20,5,1,1],[1,1,1,1]",
+                                       "loss.r1_gamma=loguniform:1e-4,1e-1", "diffusion.grid=choice:eps,drl"], None)
     assert space == {"loss.r1_gamma_scale": ["grid", [20, 5, 1, 1], [1, 1, 1, 1]],
                      "loss.r1_gamma": ["loguniform", 1e-4, 1e-1], "diffusion.grid": ["choice", "eps", "drl"]}
     from ddaebm.config import load_config
 
-    cfg = load_config(TOY, sweep.param_overrides({"loss.r1_gamma_scale": [20, 5, 1, 1]}))
+    cfg = load_config(TOY, space_of.param_overrides({"loss.r1_gamma_scale": [20, 5, 1, 1]}))
     assert list(cfg.loss.r1_gamma_scale) == [20.0, 5.0, 1.0, 1.0]
     for bad, why in (("loss.r1_gamma_scale=grid:[20,5,1,1", "unbalanced"), ("loss.r1_gamma=grid:0.1,,0.2", "empty"),
                      ("loss.r1_gamma=grid:0.1]", "unbalanced")):
-        with pytest.raises(ValueError, match=why):
-            sweep.read_space(None, [bad], None)
+        with pytest.raises(BadInput, match=why):
+            space_of.read_space(None, [bad], None)
     # --space reads numbers as the overrides do (plain YAML would leave 1e-4 a string)
-    assert sweep.read_space("{loss.r1_gamma: [loguniform, 1e-4, 1e-1]}", [], None) == {
+    assert space_of.read_space("{loss.r1_gamma: [loguniform, 1e-4, 1e-1]}", [], None) == {
         "loss.r1_gamma": ["loguniform", 1e-4, 1e-1]}
-    with pytest.raises(ValueError, match="--space: cannot read"):
-        sweep.read_space("{loss.r1_gamma: [grid, 1e-4", [], None)
+    with pytest.raises(BadInput, match="--space: cannot read"):
+        space_of.read_space("{loss.r1_gamma: [grid, 1e-4", [], None)
 
 
 def test_bad_input_fails_before_ray_starts(tmp_path):

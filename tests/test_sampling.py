@@ -1,4 +1,4 @@
-"""Sampling (SPEC §7.1): per-sample seeds (sample i is the same whatever the batching or the rank split), and
+"""Sampling (method.md §7.1): per-sample seeds (sample i is the same whatever the batching or the rank split), and
 precise BN (the generator's BatchNorm statistics recomputed before sampling, sample.precise_bn_batches)."""
 
 import pytest

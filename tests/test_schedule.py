@@ -1,4 +1,4 @@
-"""The forward process against SPEC §1.7's reference values, and the posterior's Gaussian identities."""
+"""The forward process against method.md §1.7's reference values, and the posterior's Gaussian identities."""
 
 import math
 
@@ -9,7 +9,7 @@ from ddaebm.config import DiffusionConfig
 from ddaebm.diffusion.schedule import (build_schedule, diffuse_pair, importance_weight, log_transition,
                                        marginal_variance, posterior_mean, time_grid, transition_score)
 
-# (config, ᾱ_0..ᾱ_4, σ_1..σ_4, σ̃²_0..σ̃²_3) from SPEC §1.7
+# (config, ᾱ_0..ᾱ_4, σ_1..σ_4, σ̃²_0..σ̃²_3) from method.md §1.7
 REFERENCE = {
     "cifar": (dict(beta_min=0.1, beta_max=20.0),
               [.99989, .52169, .078667, 3.4285e-3, 4.3186e-5], [.69156, .92152, .97797, .99368],
@@ -50,7 +50,7 @@ def test_cifar_posterior_coefficients():
 def test_drl_grid_and_clamp():
     assert (time_grid(4, "drl", 1e-3) * 999).round().tolist() == [0, 166, 332, 498, 999]
     s = build_schedule(DiffusionConfig(grid="drl"))
-    assert s.beta[4].item() == pytest.approx(0.999)  # clamped from .99946 (SPEC §1.7)
+    assert s.beta[4].item() == pytest.approx(0.999)  # clamped from .99946 (method.md §1.7)
     unclamped = build_schedule(DiffusionConfig(grid="drl", clamp_beta=None))
     assert unclamped.beta[4].item() == pytest.approx(0.99946, rel=1e-4)
 
@@ -80,7 +80,7 @@ def test_importance_weight_lsun_values():
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
 def test_posterior_identity_monte_carlo(k):
-    """x_k ~ q(x_k | x₀), x_{k+1} | x_k: regressing x_k on x_{k+1} recovers μ̃ and σ̃² (SPEC §1.6, §13)."""
+    """x_k ~ q(x_k | x₀), x_{k+1} | x_k: regressing x_k on x_{k+1} recovers μ̃ and σ̃² (method.md §1.6, §13)."""
     s = build_schedule(DiffusionConfig(beta_min=0.1, beta_max=20.0))
     g = torch.Generator().manual_seed(k)
     n, x0 = 1_000_000, 0.7

@@ -1,4 +1,4 @@
-"""Tests for ddaebm.data.toy: shapes, seeding, SPEC §9 geometry and true grid-cell masses."""
+"""Tests for ddaebm.data.toy: shapes, seeding, method.md §9 geometry and true grid-cell masses."""
 
 import numpy as np
 import pytest
@@ -39,7 +39,7 @@ def test_25gaussians_balanced_modes_and_std():
     centres, std = toy_modes("25gaussians")
     centres = centres.double()
     nearest = torch.cdist(x, centres).argmin(1)
-    assert torch.bincount(nearest, minlength=25).tolist() == [8] * 25  # SPEC §9: 8 per mode
+    assert torch.bincount(nearest, minlength=25).tolist() == [8] * 25  # method.md §9: 8 per mode
     resid = x - centres[nearest]
     assert std == pytest.approx(0.1 / 2.828)
     # 400 residuals per coordinate: the std estimate has ~3.5% relative error, so ±10% is safe.

@@ -1,6 +1,6 @@
 """A short real training run: the toy model learns the 25 modes and its energy concentrates on the data.
 
-SPEC §13 asks for this smoke test: a few thousand iterations on CPU with T = 4 and a schedule that ends at noise.
+method.md §13 asks for this smoke test: a few thousand iterations on CPU with T = 4 and a schedule that ends at noise.
 """
 
 import numpy as np

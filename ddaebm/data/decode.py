@@ -1,6 +1,6 @@
-"""What both loaders do to one encoded image (SPEC §8): the `Transform` (decode to `channels`, resize the shorter
+"""What both loaders do to one encoded image (method.md §8): the `Transform` (decode to `channels`, resize the shorter
 side and centre-crop when needed, optional flip, normalise) and its PIL reference implementation, plus the logit
-input of the NICE path (SPEC §7.5). DALI (ddaebm/data/dali.py) builds the same transform as a graph and falls back
+input of the NICE path (method.md §7.5). DALI (ddaebm/data/dali.py) builds the same transform as a graph and falls back
 to `decode_pil` to name the samples it cannot decode.
 """
 
@@ -12,12 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ddaebm.errors import BadValue
+
 PREPROCESS = ("minus_one_one", "logit")
 
 
 @dataclass(frozen=True)
 class Transform:
-    """What both loaders do to an encoded image (SPEC §8): decode to `channels`, resize the shorter side to
+    """What both loaders do to an encoded image (method.md §8): decode to `channels`, resize the shorter side to
     `resolution` and centre-crop when the stored size is not resolution², optional flip, normalise."""
 
     resolution: int
@@ -27,7 +29,7 @@ class Transform:
 
     @property
     def mean_std(self) -> tuple[float, float]:
-        """[−1, 1] images, or [0, 1] pixels that the logit path dequantises afterwards (SPEC §7.5)."""
+        """[−1, 1] images, or [0, 1] pixels that the logit path dequantises afterwards (method.md §7.5)."""
         return (127.5, 127.5) if self.preprocess == "minus_one_one" else (0.0, 255.0)
 
     @property
@@ -37,9 +39,9 @@ class Transform:
 
 def make_transform(manifest: dict, resolution: int, channels: int, preprocess: str) -> Transform:
     if preprocess not in PREPROCESS:
-        raise ValueError(f"preprocess={preprocess!r}; choose one of {PREPROCESS}")
+        raise BadValue(f"preprocess={preprocess!r}; choose one of {PREPROCESS}")
     if channels not in (1, 3):
-        raise ValueError(f"channels={channels}; images have 1 (grayscale) or 3 (RGB)")
+        raise BadValue(f"channels={channels}; images have 1 (grayscale) or 3 (RGB)")
     image = manifest["image"]
     stored = (image.get("height"), image.get("width"))
     return Transform(resolution, channels, stored != (resolution, resolution), preprocess)
@@ -68,7 +70,7 @@ def decode_pil(data: bytes, t: Transform, flip: bool) -> np.ndarray:
         size = resized_size(*im.size, r)
         im = im.resize(size, Image.BILINEAR).crop(crop_box(*size, r))
     elif im.size != (r, r):
-        raise ValueError(f"image is {im.size[0]}x{im.size[1]}, the manifest promised {r}x{r}")
+        raise BadValue(f"image is {im.size[0]}x{im.size[1]}, the manifest promised {r}x{r}")
     if flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
     a = np.asarray(im)
@@ -82,6 +84,6 @@ def normalize(x: torch.Tensor, t: Transform) -> torch.Tensor:
 
 
 def logit_pixels(x01: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """NICE's input (SPEC §7.5): dequantise pixels in [0, 1], clamp to [1e-3, 1 − 1e-3], logit, flatten."""
+    """NICE's input (method.md §7.5): dequantise pixels in [0, 1], clamp to [1e-3, 1 − 1e-3], logit, flatten."""
     p = (x01.flatten(1) + noise.to(x01.device)).clamp(1e-3, 1 - 1e-3)
     return torch.log(p) - torch.log1p(-p)

@@ -30,6 +30,7 @@ from ddaebm.data.decode import Transform, logit_pixels, make_transform
 from ddaebm.data.order import Planned, dequant_noise, replacement_rows, split_plan, training_plan
 from ddaebm.data.pil import PilBatches
 from ddaebm.data.shards import ShardSet, manifest_path
+from ddaebm.errors import BadValue
 
 LOADERS = ("auto", "dali", "pil")
 ON_ERROR = ("raise", "skip")
@@ -47,7 +48,7 @@ def resolve_loader(loader: str) -> str:
     """`auto`: DALI when importable (GPU `mixed` decoding when CUDA is present; on CPU DALI's threads still beat
     PIL workers, see bench/loader.py), else PIL."""
     if loader not in LOADERS:
-        raise ValueError(f"loader={loader!r}; choose one of {LOADERS}")
+        raise BadValue(f"loader={loader!r}; choose one of {LOADERS}")
     if loader == "dali" and not dali_available():
         raise ImportError("loader='dali' needs nvidia-dali (pip install nvidia-dali-cuda120); or use loader='pil'")
     if loader == "auto":
@@ -67,13 +68,13 @@ def open_batches(loader: str, shards: ShardSet, t: Transform, plan: Iterator[Pla
 
 def _check_common(shards: ShardSet, batch: int, rank: int, world: int, on_error: str) -> None:
     if on_error not in ON_ERROR:
-        raise ValueError(f"on_error={on_error!r}; choose one of {ON_ERROR}")
+        raise BadValue(f"on_error={on_error!r}; choose one of {ON_ERROR}")
     if batch < 1:
-        raise ValueError(f"batch per rank is {batch}; it must be at least 1")
+        raise BadValue(f"batch per rank is {batch}; it must be at least 1")
     if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is outside world size {world}")
+        raise BadValue(f"rank {rank} is outside world size {world}")
     if shards.num_samples == 0:
-        raise ValueError(f"{manifest_path(shards.root, shards.name, shards.split)} lists no samples")
+        raise BadValue(f"{manifest_path(shards.root, shards.name, shards.split)} lists no samples")
 
 
 class _ErrorPolicy:
@@ -113,12 +114,12 @@ class ImageStream:
         self.shards = ShardSet(root, name, split)
         _check_common(self.shards, batch, rank, world, on_error)
         if batch * world > self.num_samples:
-            raise ValueError(f"global batch {batch}x{world}={batch * world} exceeds the {self.num_samples} samples "
+            raise BadValue(f"global batch {batch}x{world}={batch * world} exceeds the {self.num_samples} samples "
                              f"of {manifest_path(root, name, split)}")
         if seed < 0:
-            raise ValueError(f"seed={seed}; the data order needs a non-negative seed")
+            raise BadValue(f"seed={seed}; the data order needs a non-negative seed")
         if verify and (problems := self.shards.verify()):
-            raise ValueError("; ".join(problems))
+            raise BadValue("; ".join(problems))
         self.t = make_transform(self.shards.manifest, resolution, channels, preprocess)
         self.batch, self.rank, self.world, self.flip, self.seed = batch, rank, world, flip, seed
         self.loader, self.workers, self.device = resolve_loader(loader), workers, device
@@ -171,7 +172,7 @@ class ImageStream:
         would silently change the order."""
         for key, mine in (("seed", self.seed), ("num_samples", self.num_samples)):
             if state[key] != mine:
-                raise ValueError(f"data state has {key}={state[key]}, this stream {key}={mine} "
+                raise BadValue(f"data state has {key}={state[key]}, this stream {key}={mine} "
                                  f"({manifest_path(self.shards.root, self.shards.name, self.shards.split)})")
         self.close()
         self.epoch, self.offset, self.errors.count = state["epoch"], state["offset"], state["decode_errors"]
@@ -192,7 +193,7 @@ def iterate_split(root, name: str, split: str, batch: int, resolution: int, chan
     _check_common(shards, batch, rank, world, on_error)
     n = shards.num_samples
     if n * (rank + 1) // world == n * rank // world:
-        raise ValueError(f"{manifest_path(root, name, split)}: {n} samples leave rank {rank} of {world} no data")
+        raise BadValue(f"{manifest_path(root, name, split)}: {n} samples leave rank {rank} of {world} no data")
     t = make_transform(shards.manifest, resolution, channels, preprocess)
     return _split_batches(shards, t, resolve_loader(loader), batch, rank, world, workers, on_error, seed, device)
 

@@ -1,4 +1,4 @@
-"""The sample order both loaders follow (SPEC §8 preprocessing), and the counter-based noise that goes with it.
+"""The sample order both loaders follow (method.md §8 preprocessing), and the counter-based noise that goes with it.
 
 Epoch e of a split of N samples is a permutation of range(N) and a flip bit per position, both drawn from
 `numpy.random.default_rng([seed, e])`. Global batches are consecutive slices of W·n positions of that permutation;
@@ -83,7 +83,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def dequant_noise(seed: int, epoch: int, positions, dim: int) -> torch.Tensor:
-    """(U − ½)/256 per pixel (SPEC §7.5). U is counter-based (SplitMix64 of (seed, epoch, position, pixel)), so
+    """(U − ½)/256 per pixel (method.md §7.5). U is counter-based (SplitMix64 of (seed, epoch, position, pixel)), so
     it belongs to the sample's place in the order: resumable at any world size, ~25x cheaper than a generator
     per sample, and independent of numpy's generator streams."""
     key = np.zeros(1, np.uint64)

@@ -11,8 +11,8 @@ import torch
 def to_uint8(x: torch.Tensor, preprocess: str) -> np.ndarray:
     """Samples in model space -> uint8 images [N, H, W, C].
 
-    'minus_one_one': [N, C, H, W] in [−1, 1] (SPEC §7.1: map to [0, 1]); 'logit': flat logit pixels of a square
-    one-channel image (MNIST NICE, SPEC §7.5), undone by a sigmoid.
+    'minus_one_one': [N, C, H, W] in [−1, 1] (method.md §7.1: map to [0, 1]); 'logit': flat logit pixels of a square
+    one-channel image (MNIST NICE, method.md §7.5), undone by a sigmoid.
     """
     x = x.detach().float().cpu()
     if preprocess == "logit":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddaebm.errors import BadValue, MissingFile
 from ddaebm.fsio import write_atomic
 
 FORMAT = "ddaebm-shards/1"
@@ -57,14 +58,14 @@ def sniff_ext(data: bytes) -> str:
         return "jpg"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
-    raise ValueError(f"not a PNG, JPEG or WebP image (first bytes {data[:12]!r})")
+    raise BadValue(f"not a PNG, JPEG or WebP image (first bytes {data[:12]!r})")
 
 
 def check_key(key: str) -> str:
     """Keys become tar member names and index-file words: no dots (WebDataset splits the extension at the first
     dot), no path separators or whitespace, and short enough for a plain USTAR header."""
     if not key or len(key) > 80 or any(c in key for c in "./\\ \t\n") or not key.isascii():
-        raise ValueError(f"sample key {key!r} is not usable (needs 1-80 ASCII characters without '.', '/', spaces)")
+        raise BadValue(f"sample key {key!r} is not usable (needs 1-80 ASCII characters without '.', '/', spaces)")
     return key
 
 
@@ -118,7 +119,7 @@ class ShardWriter:
     def close(self) -> dict:
         if not self.keys:
             self.abort()
-            raise ValueError(f"{self.path}: a shard needs at least one sample")
+            raise BadValue(f"{self.path}: a shard needs at least one sample")
         self.tar.close()
         self.file.flush()
         os.fsync(self.file.fileno())
@@ -152,15 +153,15 @@ def write_manifest(root, manifest: dict) -> Path:
 def load_manifest(root, name: str, split: str) -> dict:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"shard directory {root} does not exist (write it with `python -m data_shards`)")
+        raise MissingFile(f"shard directory {root} does not exist (write it with `python -m data_shards`)")
     path = manifest_path(root, name, split)
     if not path.is_file():
         found = sorted(p.name for p in root.glob("*.json"))
-        raise FileNotFoundError(f"no manifest {path} (a set without its manifest is incomplete: its writer did not "
+        raise MissingFile(f"no manifest {path} (a set without its manifest is incomplete: its writer did not "
                                 f"finish); manifests there: {found or 'none'}")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise BadValue(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
 
 
@@ -170,15 +171,15 @@ def read_index(path) -> list[list[tuple[str, int, int, str]]]:
     lines = path.read_text().splitlines()
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != INDEX_VERSION:
-        raise ValueError(f"{path}: not a DALI webdataset index (header {lines[:1]}, expected '{INDEX_VERSION} N')")
+        raise BadValue(f"{path}: not a DALI webdataset index (header {lines[:1]}, expected '{INDEX_VERSION} N')")
     samples = []
     for line in lines[1:int(head[1]) + 1]:
         w = line.split()
         if len(w) % 4:
-            raise ValueError(f"{path}: malformed line {line!r}")
+            raise BadValue(f"{path}: malformed line {line!r}")
         samples.append([(w[i], int(w[i + 1]), int(w[i + 2]), w[i + 3]) for i in range(0, len(w), 4)])
     if len(samples) != int(head[1]):
-        raise ValueError(f"{path}: header says {head[1]} samples, found {len(samples)} lines")
+        raise BadValue(f"{path}: header says {head[1]} samples, found {len(samples)} lines")
     return samples
 
 
@@ -210,7 +211,7 @@ class ShardSet:
                 by_ext = {c[0]: c for c in comps}
                 image = next((by_ext[e] for e in IMAGE_EXTS if e in by_ext), None)
                 if image is None:
-                    raise ValueError(f"{self.tars[i]}: sample {comps[0][3]} has no image ({', '.join(by_ext)})")
+                    raise BadValue(f"{self.tars[i]}: sample {comps[0][3]} has no image ({', '.join(by_ext)})")
                 shard_of.append(i)
                 img.append(image[1:3])
                 cls.append(by_ext["cls"][1:3] if "cls" in by_ext else (-1, 0))
@@ -225,14 +226,14 @@ class ShardSet:
         tar, idx = self.root / entry["tar"], self.root / entry["index"]
         for p in (tar, idx):
             if not p.is_file():
-                raise FileNotFoundError(f"{p} is listed in {manifest_path(self.root, self.name, self.split)} "
+                raise MissingFile(f"{p} is listed in {manifest_path(self.root, self.name, self.split)} "
                                         f"but missing")
         if tar.stat().st_size != entry["bytes"]:
-            raise ValueError(f"{tar}: {tar.stat().st_size} bytes, the manifest says {entry['bytes']} (damaged or "
+            raise BadValue(f"{tar}: {tar.stat().st_size} bytes, the manifest says {entry['bytes']} (damaged or "
                              f"replaced shard)")
         samples = read_index(idx)
         if len(samples) != entry["num_samples"]:
-            raise ValueError(f"{idx}: {len(samples)} samples, the manifest says {entry['num_samples']}")
+            raise BadValue(f"{idx}: {len(samples)} samples, the manifest says {entry['num_samples']}")
         return samples
 
     @property
@@ -264,7 +265,7 @@ class ShardSet:
         try:
             return int(text.decode("ascii").strip())
         except ValueError:
-            raise ValueError(f"{self.where(i)}: label {text[:20]!r} is not an integer") from None
+            raise BadValue(f"{self.where(i)}: label {text[:20]!r} is not an integer") from None
 
     def labels(self, indices=None) -> np.ndarray:
         indices = range(self.num_samples) if indices is None else indices

@@ -8,7 +8,7 @@ from ddaebm.config import Config, ConfigError
 
 
 class ToyStream:
-    """A fresh batch of a 2-D toy distribution every iteration (SPEC §9: infinite data, no fixed set).
+    """A fresh batch of a 2-D toy distribution every iteration (method.md §9: infinite data, no fixed set).
 
     Every rank draws the same global batch from the same generator and keeps its own slice, so ranks train on
     different data and the run sees the same global sequence at any world size (edm2's idea): a resume on

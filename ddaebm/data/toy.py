@@ -1,4 +1,4 @@
-"""Seedable, vectorised 2-D toy distributions (SPEC §9) and their true grid-cell masses.
+"""Seedable, vectorised 2-D toy distributions (method.md §9) and their true grid-cell masses.
 
 Every sampler takes all of its randomness from an explicit ``torch.Generator`` and builds a
 whole batch with a handful of tensor ops (no Python loop over points), so a training run is
@@ -26,7 +26,7 @@ TOY_DATASETS: tuple[str, ...] = (
     "rings", "moons", "circles", "line", "cos",
 )
 
-# SPEC §9: the official code divides the 25-Gaussian grid by 2.828 and the 8-Gaussian ring by
+# method.md §9: the official code divides the 25-Gaussian grid by 2.828 and the 8-Gaussian ring by
 # 1.414 (rounded √8 and √2); we keep the rounded constants so coordinates match the paper's.
 _SCALE_25 = 2.828
 _STD_25 = 0.1
@@ -35,13 +35,13 @@ _STD_8 = 0.5
 
 
 def _grid25_centres() -> np.ndarray:
-    """Unscaled 25gaussians centres (2i, 2j), i, j ∈ {−2..2}, in cyclic build order (SPEC §9)."""
+    """Unscaled 25gaussians centres (2i, 2j), i, j ∈ {−2..2}, in cyclic build order (method.md §9)."""
     i, j = np.meshgrid(np.arange(-2, 3), np.arange(-2, 3), indexing="ij")
     return np.stack([2.0 * i.ravel(), 2.0 * j.ravel()], axis=1)
 
 
 def _ring8_centres() -> np.ndarray:
-    """Unscaled 8gaussians centres 4·(cos, sin)(k·45°) (SPEC §9)."""
+    """Unscaled 8gaussians centres 4·(cos, sin)(k·45°) (method.md §9)."""
     ang = np.arange(8) * (np.pi / 4)
     return 4.0 * np.stack([np.cos(ang), np.sin(ang)], axis=1)
 
@@ -68,21 +68,21 @@ def _shuffle(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def _sample_25gaussians(n: int, g: torch.Generator) -> torch.Tensor:
     """25gaussians: point m uses centre m mod 25 (official fixed cyclic order, so B=200 gives
-    exactly 8 per mode), + N(0, 0.1²), shuffled, then /2.828 (SPEC §9)."""
+    exactly 8 per mode), + N(0, 0.1²), shuffled, then /2.828 (method.md §9)."""
     idx = torch.arange(n) % 25
     x = _C25[idx] + _STD_25 * _randn(n, g)
     return _shuffle(x, g) / _SCALE_25
 
 
 def _sample_8gaussians(n: int, g: torch.Generator) -> torch.Tensor:
-    """8gaussians: uniformly chosen centre + N(0, 0.5²), then /1.414 (SPEC §9)."""
+    """8gaussians: uniformly chosen centre + N(0, 0.5²), then /1.414 (method.md §9)."""
     idx = torch.randint(0, 8, (n,), generator=g)
     return (_C8[idx] + _STD_8 * _randn(n, g)) / _SCALE_8
 
 
 def _sample_pinwheel(n: int, g: torch.Generator) -> torch.Tensor:
     """pinwheel: 5 classes, features (r, s) ~ N((1, 0), diag(.3², .1²)), angle 2πc/5 + .25·e^r,
-    rotated, ×2, permuted (SPEC §9). Class of point m is m mod 5, so the classes hold ⌊n/5⌋ or
+    rotated, ×2, permuted (method.md §9). Class of point m is m mod 5, so the classes hold ⌊n/5⌋ or
     ⌈n/5⌉ points and the output has exactly n rows (the official drops the remainder)."""
     cls = torch.arange(n) % 5
     f = _randn(n, g) * torch.tensor([0.3, 0.1])
@@ -96,14 +96,14 @@ def _sample_pinwheel(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def _sample_swissroll(n: int, g: torch.Generator) -> torch.Tensor:
-    """swissroll: make_swiss_roll(n, noise=1) semantics, columns (x, z), /5 (SPEC §9)."""
+    """swissroll: make_swiss_roll(n, noise=1) semantics, columns (x, z), /5 (method.md §9)."""
     u = 1.5 * math.pi * (1 + 2 * _rand(n, g))
     x = torch.stack([u * torch.cos(u), u * torch.sin(u)], dim=1) + _randn(n, g)
     return x / 5.0
 
 
 def _sample_checkerboard(n: int, g: torch.Generator) -> torch.Tensor:
-    """checkerboard: x₁ ~ U[−2, 2]; x₂ = U[0,1) − 2·Bernoulli(½) + (⌊x₁⌋ mod 2); ×2 (SPEC §9)."""
+    """checkerboard: x₁ ~ U[−2, 2]; x₂ = U[0,1) − 2·Bernoulli(½) + (⌊x₁⌋ mod 2); ×2 (method.md §9)."""
     x1 = 4 * _rand(n, g) - 2
     flip = torch.randint(0, 2, (n,), generator=g).float()
     x2 = _rand(n, g) - 2 * flip + torch.remainder(torch.floor(x1), 2)
@@ -112,7 +112,7 @@ def _sample_checkerboard(n: int, g: torch.Generator) -> torch.Tensor:
 
 def _sample_2spirals(n: int, g: torch.Generator) -> torch.Tensor:
     """2spirals: t = √U·3π; arm (−t cos t + .5U, t sin t + .5U); the second half of the batch is
-    the negated arm; /3, + N(0, .1²) (SPEC §9). Odd n gives the first arm one extra point."""
+    the negated arm; /3, + N(0, .1²) (method.md §9). Odd n gives the first arm one extra point."""
     t = torch.sqrt(_rand(n, g)) * (3 * math.pi)
     arm = torch.stack([-t * torch.cos(t), t * torch.sin(t)], dim=1) + 0.5 * torch.rand(n, 2, generator=g)
     sign = torch.where(torch.arange(n) < (n + 1) // 2, 1.0, -1.0)
@@ -120,7 +120,7 @@ def _sample_2spirals(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def _sample_rings(n: int, g: torch.Generator) -> torch.Tensor:
-    """rings: radius 3·{1, .75, .5, .25} (equal shares), uniform angle, + N(0, .08²) (SPEC §9).
+    """rings: radius 3·{1, .75, .5, .25} (equal shares), uniform angle, + N(0, .08²) (method.md §9).
     The official subsamples (with replacement) 20n evenly spaced points, 5n per ring; a uniform
     ring and a continuous uniform angle is the same distribution up to that 1/(5n) angle grid."""
     radius = 3.0 * (1.0 - 0.25 * torch.randint(0, 4, (n,), generator=g).float())
@@ -140,7 +140,7 @@ def _sample_moons(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def _sample_circles(n: int, g: torch.Generator) -> torch.Tensor:
-    """circles: make_circles(factor .5, noise .08) ×3 (SPEC §9): ⌊n/2⌋ points on the unit circle,
+    """circles: make_circles(factor .5, noise .08) ×3 (method.md §9): ⌊n/2⌋ points on the unit circle,
     the rest on radius .5, uniform angles, noise added before the ×3 as in sklearn; shuffled."""
     radius = torch.where(torch.arange(n) < n // 2, 1.0, 0.5)
     ang = 2 * math.pi * _rand(n, g)
@@ -149,13 +149,13 @@ def _sample_circles(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def _sample_line(n: int, g: torch.Generator) -> torch.Tensor:
-    """line: x ~ U[−2.5, 2.5], y = x (SPEC §9)."""
+    """line: x ~ U[−2.5, 2.5], y = x (method.md §9)."""
     x = 5 * _rand(n, g) - 2.5
     return torch.stack([x, x], dim=1)
 
 
 def _sample_cos(n: int, g: torch.Generator) -> torch.Tensor:
-    """cos: x ~ U[−2.5, 2.5], y = 2.5·sin x (SPEC §9; the official name is 'cos')."""
+    """cos: x ~ U[−2.5, 2.5], y = 2.5·sin x (method.md §9; the official name is 'cos')."""
     x = 5 * _rand(n, g) - 2.5
     return torch.stack([x, 2.5 * torch.sin(x)], dim=1)
 
@@ -177,7 +177,7 @@ def _check_name(name: str) -> None:
 
 def sample_toy(name: str, n: int, generator: torch.Generator) -> torch.Tensor:
     """A fresh batch [n, 2] (float32, CPU) of toy dataset ``name``; all randomness from
-    ``generator``, so the same generator state gives the same batch (SPEC §9: infinite data)."""
+    ``generator``, so the same generator state gives the same batch (method.md §9: infinite data)."""
     _check_name(name)
     return _SAMPLERS[name](int(n), generator).float()
 

@@ -1,7 +1,7 @@
-"""The discretised forward process and its Gaussian posterior (SPEC §1).
+"""The discretised forward process and its Gaussian posterior (method.md §1).
 
 Step index k ∈ {0..T−1} names the pair (x_k, x_{k+1}); every network is conditioned on k, the index of the
-target x_k (SPEC §0). Tensors are indexed by j ∈ {0..T} (ᾱ, β, σ, a) or by k ∈ {0..T−1} (posterior).
+target x_k (method.md §0). Tensors are indexed by j ∈ {0..T} (ᾱ, β, σ, a) or by k ∈ {0..T−1} (posterior).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ DDGAN_FIRST_BETA = 1e-8
 
 
 def time_grid(num_steps: int, kind: str, eps: float) -> torch.Tensor:
-    """t_0..t_T in float64: 'eps' is the equidistant grid from ε to 1, 'drl' the LSUN grid (SPEC §1.1-1.2)."""
+    """t_0..t_T in float64: 'eps' is the equidistant grid from ε to 1, 'drl' the LSUN grid (method.md §1.1-1.2)."""
     j = torch.arange(num_steps + 1, dtype=torch.float64)
     if kind == "eps":
         return eps + (1.0 - eps) * j / num_steps
@@ -31,7 +31,7 @@ def time_grid(num_steps: int, kind: str, eps: float) -> torch.Tensor:
 
 
 def marginal_variance(t: torch.Tensor, beta_min: float, beta_max: float, kind: str = "vp") -> torch.Tensor:
-    """var(t) of the VP-SDE marginal (SPEC §1.3), or the geometric alternative."""
+    """var(t) of the VP-SDE marginal (method.md §1.3), or the geometric alternative."""
     if kind == "vp":
         return 1.0 - torch.exp(-0.5 * t**2 * (beta_max - beta_min) - t * beta_min)
     if kind == "geometric":
@@ -40,7 +40,7 @@ def marginal_variance(t: torch.Tensor, beta_min: float, beta_max: float, kind: s
 
 
 def importance_weight(t: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """w(t) = α·t^{log(β/α)/log 0.5}: w(1) = α, w(0.5) = β; (1, 1) gives w ≡ 1 (SPEC §4b, §5.4)."""
+    """w(t) = α·t^{log(β/α)/log 0.5}: w(1) = α, w(0.5) = β; (1, 1) gives w ≡ 1 (method.md §4b, §5.4)."""
     return alpha * t ** (math.log(beta / alpha) / math.log(0.5))
 
 
@@ -67,7 +67,7 @@ class Schedule:
 
 
 def build_schedule(cfg: DiffusionConfig) -> Schedule:
-    """The schedule of SPEC §1.4-1.6, computed in float64 and stored in float32."""
+    """The schedule of method.md §1.4-1.6, computed in float64 and stored in float32."""
     t = time_grid(cfg.num_steps, cfg.grid, cfg.eps)
     if cfg.variance == "explicit":
         var = torch.tensor(cfg.variances, dtype=torch.float64)
@@ -79,7 +79,7 @@ def build_schedule(cfg: DiffusionConfig) -> Schedule:
     beta[1:] = 1.0 - alpha_bar_raw[1:] / alpha_bar_raw[:-1]
     if cfg.clamp_beta is not None:
         beta = beta.clamp(max=cfg.clamp_beta)
-    # Recomputed from β so that ∏(1−β) = ᾱ holds exactly, also after the clamp (SPEC §1.4).
+    # Recomputed from β so that ∏(1−β) = ᾱ holds exactly, also after the clamp (method.md §1.4).
     alpha_bar = torch.cumprod(1.0 - beta, dim=0)
     ab_k, ab_k1, beta_k1 = alpha_bar[:-1], alpha_bar[1:], beta[1:]
     post_c1 = beta_k1 * ab_k.sqrt() / (1.0 - ab_k1)
@@ -99,20 +99,20 @@ def _per_sample(coef: torch.Tensor, k: torch.Tensor, like: torch.Tensor) -> torc
 
 def diffuse_pair(s: Schedule, x0: torch.Tensor, k: torch.Tensor, noise1: torch.Tensor,
                  noise2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_k, x_{k+1}) for training (SPEC §1.5): x_k from q(x_k | x₀), then one forward step."""
+    """(x_k, x_{k+1}) for training (method.md §1.5): x_k from q(x_k | x₀), then one forward step."""
     x_k = _per_sample(s.alpha_bar.sqrt(), k, x0) * x0 + _per_sample((1.0 - s.alpha_bar).sqrt(), k, x0) * noise1
     x_k1 = _per_sample(s.a, k + 1, x0) * x_k + _per_sample(s.sigma, k + 1, x0) * noise2
     return x_k, x_k1
 
 
 def posterior_mean(s: Schedule, x0: torch.Tensor, x_k1: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """μ̃_k(x₀, x_{k+1}) of q(x_k | x_{k+1}, x₀) (SPEC §1.6)."""
+    """μ̃_k(x₀, x_{k+1}) of q(x_k | x_{k+1}, x₀) (method.md §1.6)."""
     return _per_sample(s.post_c1, k, x0) * x0 + _per_sample(s.post_c2, k, x0) * x_k1
 
 
 def posterior_sample(s: Schedule, x0: torch.Tensor, x_k1: torch.Tensor, k: torch.Tensor,
                      noise: torch.Tensor) -> torch.Tensor:
-    """The generator's x_k: μ̃_k plus σ̃_k·ε for k > 0, the mean alone at k = 0 (SPEC §3)."""
+    """The generator's x_k: μ̃_k plus σ̃_k·ε for k > 0, the mean alone at k = 0 (method.md §3)."""
     std = torch.where(k > 0, torch.exp(0.5 * s.post_logvar[k]), torch.zeros_like(s.post_logvar[k]))
     return posterior_mean(s, x0, x_k1, k) + std.view(-1, *([1] * (x0.dim() - 1))) * noise
 

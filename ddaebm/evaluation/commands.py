@@ -1,4 +1,4 @@
-"""`ddaebm eval toy|fid|is|ood|modes|nll RUN_DIR [...]`: the metrics of a trained run (SPEC §7.4, §7.5, §10).
+"""`ddaebm eval toy|fid|is|ood|modes|nll RUN_DIR [...]`: the metrics of a trained run (method.md §7.4, §7.5, §10).
 
 Each command appends one JSON row to `RUN_DIR/metric-<name>.jsonl` (step, sample count, seed, settings, seconds)
 and prints it as a table. Bad input (no checkpoint, a missing shard set, a toy run for an image metric, a model

@@ -30,7 +30,7 @@ def add_eval_parsers(esub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=eval_toy)
 
-    f = esub.add_parser("fid", help="FID against cached reference statistics of a shard set (SPEC §10)")
+    f = esub.add_parser("fid", help="FID against cached reference statistics of a shard set (method.md §10)")
     _common(f, 50_000, 256)
     f.add_argument("--ref", help="reference shard set ROOT:NAME:SPLIT (default: the run's training shards)")
     f.add_argument("--ref-num", type=int, help="first N reference images (default: the whole split)")
@@ -46,7 +46,7 @@ def add_eval_parsers(esub) -> None:
     i.add_argument("--inception-batch", type=int, default=64, help="images per Inception forward")
     i.set_defaults(fn=ranked(eval_is))
 
-    o = esub.add_parser("ood", help="AUROC of f(x, 0) between in-distribution and OOD shard sets (SPEC §7.4)")
+    o = esub.add_parser("ood", help="AUROC of f(x, 0) between in-distribution and OOD shard sets (method.md §7.4)")
     _common(o, None, 256, sampling=False)
     o.add_argument("--in", dest="in_set", help="in-distribution ROOT:NAME:SPLIT (default: the run's test split)")
     o.add_argument("--ood", action="append", required=True, help="an OOD set ROOT:NAME:SPLIT (repeatable)")
@@ -54,7 +54,7 @@ def add_eval_parsers(esub) -> None:
     o.add_argument("--raw", action="store_true", help="raw energy instead of its EMA (eval.energy_ema)")
     o.set_defaults(fn=eval_ood)
 
-    m = esub.add_parser("modes", help="StackedMNIST covered modes and reverse KL (SPEC §10)")
+    m = esub.add_parser("modes", help="StackedMNIST covered modes and reverse KL (method.md §10)")
     _common(m, 26_000, 256)
     m.add_argument("--mnist", required=True, help="MNIST shards ROOT:NAME with splits train and test")
     m.add_argument("--data", help="StackedMNIST shards ROOT:NAME:SPLIT for p (default: the run's training shards)")
@@ -64,7 +64,7 @@ def add_eval_parsers(esub) -> None:
     m.add_argument("--classifier-seed", type=int, default=0)
     m.set_defaults(fn=ranked(eval_modes))
 
-    n = esub.add_parser("nll", help="exact test log-likelihood of the NICE energy at k=0, exact.png (SPEC §7.5)")
+    n = esub.add_parser("nll", help="exact test log-likelihood of the NICE energy at k=0, exact.png (method.md §7.5)")
     _common(n, None, 500, sampling=False)
     n.add_argument("--data", help="logit test data ROOT:NAME:SPLIT (default: the run's test split)")
     n.add_argument("--num", type=int, help="first N test images (default: all)")

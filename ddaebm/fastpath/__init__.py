@@ -1,6 +1,6 @@
 """The toy fast path: the same training objectives as ddaebm/losses.py for the 2-D MLPs, in hand-written passes.
 
-An option (`train.fast_path`: auto | off), decided once where the trainer builds its phases: `select(cfg)`
+An option (`train.fast_path`: auto | generic), decided once where the trainer builds its phases: `select(cfg)`
 returns the Objectives to train with, the fast ones only for configs whose every switch they implement, and
 otherwise the generic (autograd) ones with the reason. Nothing else in the package reaches into this one.
 

@@ -173,7 +173,7 @@ def lazy_r1_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig) 
     return r1, {"r1_lazy": r1.detach()}
 
 
-# ---- the generator + encoder step (the full objective, SPEC §5)
+# ---- the generator + encoder step (the full objective, method.md §5)
 
 
 def generator_supported(energy: nn.Module, gen_enc: nn.Module, b: StepBatch) -> bool:

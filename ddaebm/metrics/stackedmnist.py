@@ -1,4 +1,4 @@
-"""StackedMNIST mode coverage (SPEC §10): an MNIST classifier, per-channel labels 100a + 10b + c, modes and KL.
+"""StackedMNIST mode coverage (method.md §10): an MNIST classifier, per-channel labels 100a + 10b + c, modes and KL.
 
 Protocol (PacGAN/DDGAN/VAEBM): classify each of the three channels of every sample with a pretrained MNIST
 classifier; the label is 100·R + 10·G + B (1000 modes). Covered modes = labels with ≥ 1 sample. KL is the reverse
@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ddaebm.errors import BadValue
 
 NUM_MODES = 1000
 
@@ -76,7 +78,7 @@ def predict_digits(classifier: nn.Module, images: np.ndarray, batch: int = 1024)
 def stacked_labels(classifier: nn.Module, images: np.ndarray) -> np.ndarray:
     """uint8 [N, H, W, 3] → labels 100·a + 10·b + c from the digits of channels R, G, B."""
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"StackedMNIST images are [N, H, W, 3], got {images.shape}")
+        raise BadValue(f"StackedMNIST images are [N, H, W, 3], got {images.shape}")
     a, b, c = (predict_digits(classifier, images[..., ch]) for ch in range(3))
     return 100 * a + 10 * b + c
 
@@ -85,13 +87,13 @@ def label_counts(labels: np.ndarray) -> np.ndarray:
     """float64 histogram [1000] of StackedMNIST labels."""
     labels = np.asarray(labels, np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= NUM_MODES):
-        raise ValueError(f"StackedMNIST labels lie in 0..{NUM_MODES - 1}, got {labels.min()}..{labels.max()} "
+        raise BadValue(f"StackedMNIST labels lie in 0..{NUM_MODES - 1}, got {labels.min()}..{labels.max()} "
                          "(unlabelled shards, or not StackedMNIST?)")
     return np.bincount(labels, minlength=NUM_MODES).astype(np.float64)
 
 
 def mode_stats(counts: np.ndarray, p_data: np.ndarray) -> dict:
-    """{"modes", "kl"} of a sample label histogram against the data-label distribution p_data [1000] (SPEC §10)."""
+    """{"modes", "kl"} of a sample label histogram against the data-label distribution p_data [1000] (method.md §10)."""
     return {"modes": int((counts > 0).sum()), "kl": reverse_kl(counts, p_data)}
 
 
@@ -130,7 +132,7 @@ def load_digits(root, name: str, split: str, loader: str = "pil", workers: int =
         labels.append(y.numpy())
     y = np.concatenate(labels)
     if (y < 0).any() or (y > 9).any():
-        raise ValueError(f"{root}:{name}:{split} has labels outside 0..9 (is it an MNIST shard set?)")
+        raise BadValue(f"{root}:{name}:{split} has labels outside 0..9 (is it an MNIST shard set?)")
     return np.concatenate(images), y
 
 

@@ -1,6 +1,6 @@
 """Sample-quality and density metrics for the 2-D toy datasets (``ddaebm eval toy``).
 
-The paper only shows toy figures (SPEC §9, §12); these numbers make toy runs comparable.
+The paper only shows toy figures (method.md §9, §12); these numbers make toy runs comparable.
 
 Definitions
 -----------

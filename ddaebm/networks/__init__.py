@@ -1,6 +1,6 @@
 """Networks: the energy f_θ, the generator G_φ and the encoder q_ψ, built from the model config.
 
-`model.arch` picks a family (SPEC §2-§4, §7.5, §8): 'toy' MLPs on 2-D points; 'ncsnpp' U-Nets on images (the
+`model.arch` picks a family (method.md §2-§4, §7.5, §8): 'toy' MLPs on 2-D points; 'ncsnpp' U-Nets on images (the
 NCSN++ energy −½‖x − U(x, k)‖², the z-conditioned AdaGN NCSN++ generator, a convolutional encoder; DDPM++ is
 the same skeleton with fir=false, progressive_input=none); 'mnist_nice' (the NICE_t energy, an exact density at
 every k, with MLP generator and encoder on flat logit pixels).
@@ -14,7 +14,7 @@ from ddaebm.config import ModelConfig
 
 
 class GeneratorEncoder(nn.Module):
-    """G and E as one module: they are trained together by one optimizer (SPEC §5)."""
+    """G and E as one module: they are trained together by one optimizer (method.md §5)."""
 
     def __init__(self, generator: nn.Module, encoder: nn.Module | None):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Sinusoidal embedding of the integer step index k (SPEC §0)."""
+"""Sinusoidal embedding of the integer step index k (method.md §0)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Convolutional encoders q_ψ(z | x_k, x_{k+1}, k) for images (SPEC §4).
+"""Convolutional encoders q_ψ(z | x_k, x_{k+1}, k) for images (method.md §4).
 
 Three bodies behind one class, `ConvEncoder(kind, ...)`:
 - 'small' (CIFAR-10 32², the official `Encoder_small`): conv3×3 → ngf, then 4×4 stride-2 convs to 2·ngf, 4·ngf,
@@ -9,14 +9,14 @@ Three bodies behind one class, `ConvEncoder(kind, ...)`:
   residual DownConvBlocks with FIR downsampling (2·ngf → 4·ngf → 8·ngf → … → 8·ngf), minibatch-stddev,
   a 3×3 conv, LeakyReLU, spatial *sum* pooling, then dense heads with logvar = −softplus(·), i.e. σ² ≤ 1.
 
-Differences from the official code, on purpose (SPEC §4, §11):
+Differences from the official code, on purpose (method.md §4, §11):
 - the heads are flattened, never `.squeeze()`d, so batch size 1 works (bug B5);
 - logvar is clamped to [logvar_min, logvar_max] for every kind (the official small/64 encoders leave it
   unconstrained; for 'large' −softplus already bounds it by 0, and the clamp adds only the floor);
 - minibatch-stddev uses the largest group ≤ 4 that divides the batch, where the official code
   (group = min(B, 4)) crashes on a batch of 6 (see `minibatch_stddev`).
 μ and logvar share one head of 2·nz outputs: the same parameters as two heads of nz, one matmul/conv.
-FIR downsampling is `ddaebm.networks.fir` (plain PyTorch, no JIT-compiled CUDA op: SPEC §11 B8).
+FIR downsampling is `ddaebm.networks.fir` (plain PyTorch, no JIT-compiled CUDA op: method.md §11 B8).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def conv(n_in: int, n_out: int, kernel: int, padding: int, bias: bool = True, sc
 
 
 class StepMLP(nn.Module):
-    """t_emb = LeakyReLU(MLP(sinusoidal(dim) → dim → LeakyReLU → dim)) of the integer step k (SPEC §4)."""
+    """t_emb = LeakyReLU(MLP(sinusoidal(dim) → dim → LeakyReLU → dim)) of the integer step k (method.md §4)."""
 
     def __init__(self, dim: int = 256, num_steps: int = 4):
         super().__init__()
@@ -158,7 +158,7 @@ class ResidualBody(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """q_ψ(z | x_k, x_{k+1}, k) = N(μ, diag e^logvar) for images in [−1, 1] (SPEC §4).
+    """q_ψ(z | x_k, x_{k+1}, k) = N(μ, diag e^logvar) for images in [−1, 1] (method.md §4).
 
     kind: 'small' (CIFAR 32²), '64' (CelebA 64²) or 'large' (LSUN 128²); channels: image channels (the
     encoder sees 2·channels); k: the integer index of the target x_k, [B] long.

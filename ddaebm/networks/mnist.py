@@ -1,4 +1,4 @@
-"""MNIST networks (SPEC §7.5): the NICE_t energy, the MLP generator and encoder, and the logit preprocessing.
+"""MNIST networks (method.md §7.5): the NICE_t energy, the MLP generator and encoder, and the logit preprocessing.
 
 NICE_t is an exact, normalised density for every step k, so f(x, k) is a log-likelihood and samples are exact.
 Choices the SPEC leaves open, and why:
@@ -6,7 +6,7 @@ Choices the SPEC leaves open, and why:
   (VERA's and SSM's `num_layers=5` have four hidden activations; the NICE paper and the DDAEBM text say five).
 - The scale layer is **per k** (s ∈ R^{T×784}). Additive couplings preserve volume, so the scale layer alone
   sets the model's differential entropy, H = H(N(0, I)) − Σs. A scale shared over k would force the same
-  entropy on every q(x_k), whose noise level (hence entropy) grows with k (SPEC §4b: exp f(·, k) ∝ q(x_k)).
+  entropy on every q(x_k), whose noise level (hence entropy) grows with k (method.md §4b: exp f(·, k) ∝ q(x_k)).
   s starts at 0; the cost is 3·784 extra parameters.
 - The last linear layer of every m-network starts at zero, so the flow starts as the identity and
   f(x, k) = log N(x; 0, I) for every k (as in Glow); its gradient is non-zero from the first step.
@@ -32,7 +32,7 @@ LOGIT_EPS = 1e-3  # pixels are clamped to [eps, 1 − eps] before the logit
 
 
 def logit_transform(pixels01: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, …] pixels in [0, 1] → [B, D] logit-space data (VERA's `--logit` path, SPEC §7.5).
+    """[B, …] pixels in [0, 1] → [B, D] logit-space data (VERA's `--logit` path, method.md §7.5).
 
     Uniform dequantisation (U − ½)/256, clamp to [1e-3, 1 − 1e-3], logit, flatten.
     """
@@ -74,7 +74,7 @@ class CouplingNet(nn.Module):
 
 
 class NICEEnergy(nn.Module):
-    """NICE_t: f(x, k) = log N(y; 0, I) + Σ s_k, y = e^{s_k} ⊙ couplings(permute(x), k) (SPEC §7.5).
+    """NICE_t: f(x, k) = log N(y; 0, I) + Σ s_k, y = e^{s_k} ⊙ couplings(permute(x), k) (method.md §7.5).
 
     An exact normalised log-density of x ∈ R^dim for every k ∈ {0..num_steps−1}. The permutation puts the
     even coordinates first; coupling i adds m_i(first half) to the second half for even i and m_i(second
@@ -138,7 +138,7 @@ class NICEEnergy(nn.Module):
 
 
 class BranchedMLP(nn.Module):
-    """(input, k) ↦ decoder(cat(x-branch(input), step-branch(k))): the toy template at MNIST widths (SPEC §7.5).
+    """(input, k) ↦ decoder(cat(x-branch(input), step-branch(k))): the toy template at MNIST widths (method.md §7.5).
 
     x-branch: in → branch[0] → PReLU → branch[1]; step branch: sinusoidal(t_emb_dim) → step[0] → PReLU → step[1];
     decoder: Linear(branch[1] + step[1] → widths[0]), then [PReLU, Linear] to each next width and to `out`.
@@ -162,7 +162,7 @@ class BranchedMLP(nn.Module):
 
 
 class MLPGenerator(nn.Module):
-    """G_φ(x_{k+1}, k, z) = x₀' in logit space (no output activation; SPEC §3, §7.5)."""
+    """G_φ(x_{k+1}, k, z) = x₀' in logit space (no output activation; method.md §3, §7.5)."""
 
     def __init__(self, dim: int = 784, nz: int = 50, num_steps: int = 4, branch: tuple[int, int] = (1600, 1600),
                  widths: tuple[int, ...] = (1600, 1600), t_emb_dim: int = 50):
@@ -175,7 +175,7 @@ class MLPGenerator(nn.Module):
 
 
 class MLPEncoder(nn.Module):
-    """q_ψ(z | x_k, x_{k+1}, k) = N(μ, diag e^logvar), logvar clamped to [logvar_min, logvar_max] (SPEC §4, §11)."""
+    """q_ψ(z | x_k, x_{k+1}, k) = N(μ, diag e^logvar), logvar clamped to [logvar_min, logvar_max] (method.md §4,§11)."""
 
     def __init__(self, dim: int = 784, nz: int = 50, num_steps: int = 4, logvar_min: float = -10.0,
                  logvar_max: float = 2.0, branch: tuple[int, int] = (3200, 1600), widths: tuple[int, ...] = (1600,),

@@ -1,13 +1,13 @@
 """The image networks: Score-SDE's NCSN++ U-Net as the energy f_θ and, z-conditioned as in DDGAN, the generator G_φ.
 
-One skeleton serves both (SPEC §8): a 3×3 input conv; per resolution `num_res_blocks` BigGAN ResBlocks (with
+One skeleton serves both (method.md §8): a 3×3 input conv; per resolution `num_res_blocks` BigGAN ResBlocks (with
 self-attention at `attn_resolutions`), then a down-sampling ResBlock and, with progressive_input='residual',
 the input image FIR-downsampled alongside and added in; a middle ResBlock-attention-ResBlock; the mirror-image
 up path with `num_res_blocks + 1` ResBlocks per resolution fed by the skips; GroupNorm, SiLU and a zero 3×3 conv.
 The step index k enters every ResBlock through a sinusoidal(nf) → nf·4 → SiLU → nf·4 embedding.
 
-- `NCSNppEnergy` (SPEC §2): affine GroupNorms; f(x, k) = −½·Σ (x − U(x, k))², exactly −½‖x‖² at init.
-- `NCSNppGenerator` (SPEC §3): every ResBlock norm is AdaGN on a mapped z; tanh output; sees x_{k+1} only.
+- `NCSNppEnergy` (method.md §2): affine GroupNorms; f(x, k) = −½·Σ (x − U(x, k))², exactly −½‖x‖² at init.
+- `NCSNppGenerator` (method.md §3): every ResBlock norm is AdaGN on a mapped z; tanh output; sees x_{k+1} only.
 "DDPM++" (LSUN) is the same with fir=False, progressive_input='none' and dropout 0.
 
 Modules are registered in the official order, so a checkpoint of the official networks maps onto these
@@ -96,7 +96,7 @@ class NCSNppUNet(nn.Module):
         if image_size % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"image_size {image_size} is not divisible by 2^{len(ch_mult) - 1}")
         self.nf = nf
-        # The sinusoids of every step, fixed (SPEC §0): computed once, gathered by k.
+        # The sinusoids of every step, fixed (method.md §0): computed once, gathered by k.
         self.register_buffer("step_table", sinusoidal_embedding(torch.arange(num_steps), nf), persistent=False)
         self.temb = nn.Sequential(linear(nf, 4 * nf), nn.SiLU(), linear(4 * nf, 4 * nf))
         res_block = _res_block_factory(4 * nf, style_dim, dropout, fir)
@@ -169,7 +169,7 @@ def _up_path(res_block, nf, ch_mult, num_res_blocks, attn_resolutions, image_siz
 
 
 class NCSNppEnergy(nn.Module):
-    """f_θ(x_k, k) = −½·Σ_pixels (x_k − U(x_k, k))² → [B] (SPEC §2), always in float32.
+    """f_θ(x_k, k) = −½·Σ_pixels (x_k − U(x_k, k))² → [B] (method.md §2), always in float32.
 
     No sigma scaling and no tanh. The output conv of U is zero, so f(x, k) = −½‖x‖² at initialisation.
     """
@@ -199,7 +199,7 @@ class PixelNorm(nn.Module):
 
 
 def z_mapping(nz: int, z_emb_dim: int, n_mlp: int) -> nn.Sequential:
-    """PixelNorm → Linear(nz, z_emb_dim) → SiLU → n_mlp × [Linear(z_emb_dim, z_emb_dim) → SiLU] (SPEC §3)."""
+    """PixelNorm → Linear(nz, z_emb_dim) → SiLU → n_mlp × [Linear(z_emb_dim, z_emb_dim) → SiLU] (method.md §3)."""
     layers = [PixelNorm(), style_linear(nz, z_emb_dim), nn.SiLU()]
     for _ in range(n_mlp):
         layers += [style_linear(z_emb_dim, z_emb_dim), nn.SiLU()]
@@ -207,7 +207,7 @@ def z_mapping(nz: int, z_emb_dim: int, n_mlp: int) -> nn.Sequential:
 
 
 class NCSNppGenerator(nn.Module):
-    """G_φ(x_{k+1}, k, z) = x₀' ∈ (−1, 1)^{C×H×W}: DDGAN's z-conditioned NCSN++ (SPEC §3)."""
+    """G_φ(x_{k+1}, k, z) = x₀' ∈ (−1, 1)^{C×H×W}: DDGAN's z-conditioned NCSN++ (method.md §3)."""
 
     def __init__(self, image_size: int = 32, channels: int = 3, nf: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2),
                  num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,

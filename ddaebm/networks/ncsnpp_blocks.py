@@ -1,4 +1,4 @@
-"""The layers of the NCSN++ U-Nets (SPEC §2, §3, §8): initialisers, norms, self-attention, BigGAN ResBlocks.
+"""The layers of the NCSN++ U-Nets (method.md §2, §3, §8): initialisers, norms, self-attention, BigGAN ResBlocks.
 
 Initialisation follows Score-SDE / DDGAN so that a fresh network matches the official one in distribution:
 - convs and the step-embedding Linears use DDPM's `default_init`: variance scaling with fan_avg, uniform,
@@ -6,7 +6,7 @@ Initialisation follows Score-SDE / DDGAN so that a fresh network matches the off
 - DDGAN's `dense` (z mapping, AdaGN styles) reads its "fan_avg" mode as fan_out: U(±√(3/out)).
 The U-Net's own output conv is exactly zero instead (see `zero_conv3x3`), so f(x, k) = −½‖x‖² at init.
 
-Every residual sum is divided by √2 (`skip_rescale=True` in every config, SPEC §8).
+Every residual sum is divided by √2 (`skip_rescale=True` in every config, method.md §8).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def conv3x3(in_ch: int, out_ch: int, init_scale: float = 1.0, stride: int = 1, p
 
 def zero_conv3x3(in_ch: int, out_ch: int) -> nn.Conv2d:
     """The output conv, exactly zero: the official init_scale 0 gives weights of order 1e-5/√fan, which is not
-    quite zero; exact zeros make f(x, k) = −½‖x‖² hold exactly at initialisation (SPEC §2)."""
+    quite zero; exact zeros make f(x, k) = −½‖x‖² hold exactly at initialisation (method.md §2)."""
     conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
@@ -91,7 +91,7 @@ class GroupNorm(nn.GroupNorm):
 
 
 class AdaptiveGroupNorm(nn.Module):
-    """AdaGN (SPEC §3): γ(z)·GroupNorm(h) + β(z), GroupNorm without affine; γ's bias starts at 1 and β's at 0."""
+    """AdaGN (method.md §3): γ(z)·GroupNorm(h) + β(z), GroupNorm without affine; γ's bias starts at 1 and β's at 0."""
 
     def __init__(self, channels: int, style_dim: int):
         super().__init__()
@@ -129,7 +129,7 @@ class AttnBlock(nn.Module):
     """NCSN++'s single-head self-attention over all H·W positions, residual and rescaled by 1/√2.
 
     Written with bmm + softmax rather than scaled_dot_product_attention: the fused kernels have no double
-    backward, and the R1 penalty differentiates the energy's input gradient (SPEC §5).
+    backward, and the R1 penalty differentiates the energy's input gradient (method.md §5).
     """
 
     def __init__(self, channels: int):
@@ -185,7 +185,7 @@ class ConvDownsample(nn.Module):
 # --- residual block -----------------------------------------------------------------------------------------------
 
 class ResBlock(nn.Module):
-    """BigGAN-type ResBlock of NCSN++ (SPEC §8), optionally resampling both paths by 2.
+    """BigGAN-type ResBlock of NCSN++ (method.md §8), optionally resampling both paths by 2.
 
     h = conv₁(dropout(act(norm₁(conv₀(resample(act(norm₀(x)))) + Dense(act(temb)))))), then (skip(x) + h)/√2,
     where skip is a 1×1 conv whenever the width or resolution changes. The norms are AdaGN on z in the

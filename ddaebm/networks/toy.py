@@ -1,4 +1,4 @@
-"""The 2-D networks of the official toy code (SPEC §2-§4): MLPs with a sinusoidal step embedding.
+"""The 2-D networks of the official toy code (method.md §2-§4): MLPs with a sinusoidal step embedding.
 
 Energy f_θ(x_k, k) → [B]; generator G_φ(x_{k+1}, k, z) → x₀'; encoder q_ψ(z | x_k, x_{k+1}, k) → (μ, logvar).
 All three open the same way: an input branch (in → 16 → [BN] → PReLU → 32) and a step branch
@@ -97,7 +97,7 @@ class ToyEnergy(nn.Module):
 
 
 class _ConditionalMLP(nn.Module):
-    """The shared G/E template: (input, k) ↦ features of width `out` (SPEC §3, §4)."""
+    """The shared G/E template: (input, k) ↦ features of width `out` (method.md §3, §4)."""
 
     def __init__(self, in_dim: int, out: int, hidden: int, t_emb_dim: int, norm: str, final_norm: bool,
                  num_steps: int):

@@ -3,7 +3,7 @@
 Imported only when `dist.backend=deepspeed`, so the single-process path never loads DeepSpeed. The losses call
 the networks directly (`engine.module(x)`, never `engine(x)`): the R1 penalty differentiates the energy with
 `autograd.grad(create_graph=True)` and the generator's loss runs through the frozen energy, and calling the
-engine there breaks DeepSpeed's backward bookkeeping (STACK_NOTES). Each engine gets one backward per phase.
+engine there breaks DeepSpeed's backward bookkeeping (docs/architecture.md, stack notes). Each engine gets one backward per phase.
 EMA lives outside the engines (ddaebm/training/ema.py).
 """
 

@@ -1,4 +1,4 @@
-"""Exponential moving averages of the generator+encoder and of the energy (SPEC §5, §13).
+"""Exponential moving averages of the generator+encoder and of the energy (method.md §5, §13).
 
 Explicit shadow copies, updated after every iteration and independent of `requires_grad` (the official
 swap skipped the frozen energy, so its saved D was raw). The raw networks live in the engines, so a
@@ -37,7 +37,7 @@ class EMA:
         for shadow in self.shadow.values():  # one buffer, like TorchEngine's modules (a deep copy clones each)
             flatten_parameters(shadow)
         # name -> (module, its parameters, the shadow's, its buffers, the shadow's): walking the module trees
-        # each iteration cost more than the averaging itself at toy size (0.15 of 0.4 ms)
+        # each iteration cost more than the averaging itself at toy size
         self._bound: dict[str, tuple] = {}
 
     def _tensors(self, name: str, module: nn.Module) -> tuple:

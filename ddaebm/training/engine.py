@@ -17,7 +17,7 @@ from ddaebm.config import OptimConfig
 from ddaebm.training.perf import fast_adam_steps, flatten_parameters
 from ddaebm.training.precision import autocast_bf16
 
-ENGINE_NAMES = ("energy", "generator")  # the energy f_θ; the generator+encoder (one optimizer, SPEC §5)
+ENGINE_NAMES = ("energy", "generator")  # the energy f_θ; the generator+encoder (one optimizer, method.md §5)
 
 
 class Engine(Protocol):
@@ -47,7 +47,7 @@ class Engine(Protocol):
 
 
 def adam(params: list, lr: float, cfg: OptimConfig) -> torch.optim.Adam:
-    """Adam(β1, β2) without weight decay (SPEC §5), fused kernels when cfg.fused, for either backend.
+    """Adam(β1, β2) without weight decay (method.md §5), fused kernels when cfg.fused, for either backend.
 
     (DeepSpeed's own choice on CPU, `torch_adam`, is the unfused AdamW, about ten times slower here. ZeRO 1/2
     wrap this like their own Adam: torch.optim.Adam is on DeepSpeed's list of ZeRO optimizers.)

@@ -35,8 +35,8 @@ def retain_freed_heap_memory() -> None:
 
     glibc serves blocks above a size threshold (dynamic, from 128 KiB) from fresh mappings and gives the top of
     the heap back to the OS once more than twice that threshold is free there. A CPU training step allocates and
-    frees a few MB of activations every iteration, and what was given back page-faults in again on the next:
-    measured on the toy step, 750-1000 page faults and ~2.5 ms of system time per ~25 ms iteration. Fixed
+    frees a few MB of activations every iteration, and what was given back page-faults in again on the next
+    (about a tenth of a toy iteration in system time, bench/README.md). Fixed
     thresholds (blocks up to 8 MiB from the heap, up to 64 MiB of free heap kept) make each iteration reuse the
     previous one's memory. Process-wide and idempotent; leaves alone what MALLOC_* environment variables set, and
     does nothing without glibc's mallopt.
@@ -57,8 +57,8 @@ _heap_retained = False
 
 
 def fused_adam_step(opt: torch.optim.Optimizer) -> bool:
-    """Adam(fused=True).step() as its two kernels, without the per-call Python around them (~0.15 ms per
-    step, a few percent of a toy iteration). The same state tensors, hence the same state_dict; False (and
+    """Adam(fused=True).step() as its two kernels, without the per-call Python around them (a few percent of a
+    toy iteration). The same state tensors, hence the same state_dict; False (and
     nothing done) wherever Optimizer.step would do more: its first step (state to create), hooks, several
     groups or devices, AMSGrad, capturable, a grad scaler's attributes, a step wrapped by someone else."""
     wrapper = opt.__dict__.get("step")  # e.g. an LR scheduler counting the calls; ours (fast_adam_steps) is fine
@@ -89,7 +89,8 @@ def fused_adam_step(opt: torch.optim.Optimizer) -> bool:
 
 class _AdamPlan:
     """The per-parameter lists fused_adam_step hands the kernels, built once for a given optimizer state and set
-    of parameters with gradients (walking ~80 parameters' state each step was ~0.1 ms per toy iteration)."""
+    of parameters with gradients (walking every parameter's state each step costs more than the kernels at toy
+    size)."""
 
     @classmethod
     def build(cls, opt: torch.optim.Optimizer, group: dict, grads: list) -> "_AdamPlan | None":
@@ -123,8 +124,8 @@ class _AdamPlan:
 
 def _step_buffer(opt: torch.optim.Optimizer, params: list, steps: list) -> torch.Tensor:
     """One tensor whose elements are the `params`' state["step"] (which become 0-dim views of it, in place in
-    `steps` too): the steps advance together, and one add_ replaces _foreach_add_'s per-tensor loop on CPU
-    (~4 µs a parameter, 0.3 ms per toy iteration). Rebuilt, values kept, whenever a step is no longer a view of
+    `steps` too): the steps advance together, and one add_ replaces _foreach_add_'s per-tensor loop on CPU.
+    Rebuilt, values kept, whenever a step is no longer a view of
     it (a loaded state_dict, a different set of parameters with gradients)."""
     buffer = opt.__dict__.get("_ddaebm_steps")
     if buffer is None or buffer.numel() != len(steps) or any(s._base is not buffer for s in steps):

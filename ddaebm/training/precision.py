@@ -1,6 +1,6 @@
 """Mixed precision around the networks: bf16 autocast inside them, fp32 for everything the losses compute.
 
-SPEC §11: R1 with AMP needs fp32, and the energies f = −½‖x − U‖² are compared across real and fake, so the
+method.md §11: R1 with AMP needs fp32, and the energies f = −½‖x − U‖² are compared across real and fake, so the
 networks' outputs, the R1 square norm and the transition log-densities stay fp32; only the layers run in
 half precision. Both backends use this (dist.precision).
 """

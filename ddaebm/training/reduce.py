@@ -4,8 +4,8 @@ Every phase of a multi-rank iteration needs two things from the other ranks: the
 an agreement on flags that must be the same everywhere (a NaN/Inf loss on any rank skips the update on all; a
 stop signal on any rank stops all at the same step). Sent separately they are two synchronisations per phase,
 and on CPU ranks each synchronisation, not the data, is what costs: a gloo collective between two busy
-processes waits ~0.8 ms for its transport threads to wake (measured on the 2-core CI machine; a toy iteration
-is ~20 ms). Here the flags ride at the end of the flattened gradients:
+processes waits for its transport threads to wake, a few percent of a toy iteration each time (bench/README.md).
+Here the flags ride at the end of the flattened gradients:
 
 - `SharedMemoryReducer`: all ranks on one host (the usual CPU case: one node, one rank per core group). Each
   rank writes its vector into its slot of a shared-memory file, publishes a sequence number, spins (napping

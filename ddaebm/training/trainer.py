@@ -1,6 +1,6 @@
 """The DDAEBM trainer: a model, its engines, the phases and the state that a checkpoint must carry.
 
-One iteration draws a StepBatch (SPEC §5), then runs the phases in order. Each phase is data: a name, the
+One iteration draws a StepBatch (method.md §5), then runs the phases in order. Each phase is data: a name, the
 engine it trains, its loss and its interval. Only the phase's network has requires_grad on, and each
 engine gets exactly one backward per phase. The losses are one set of Objectives (ddaebm/losses.py), chosen
 once here: the generic autograd ones, or the toy fast path's (ddaebm/fastpath, train.fast_path).
@@ -137,7 +137,7 @@ class Trainer:
             loss, phase_stats = phase.loss(self, b)
             stats.update(phase_stats)
             last = i == len(due) - 1
-            flags = [not math.isfinite(loss.item())]  # (one call: torch.isfinite and bool take ~10 µs)
+            flags = [not math.isfinite(loss.item())]  # one host read (torch.isfinite then bool: two)
             if last:
                 flags.append(bool(stop_requested()) if stop_requested is not None else False)
             engine.zero_grad()

@@ -6,7 +6,7 @@
 #   slurm/ci/local_slurm.sh stop DIR    stop what `start DIR` started (by the pid files in DIR)
 #
 # Then: export SLURM_CONF=DIR/slurm.conf; sbatch ...; squeue; scontrol show job N.
-# The configuration is the minimal one of STACK_NOTES ("SLURM"): one partition, this host as the only node,
+# The configuration is the minimal one (docs/architecture.md, stack notes): one partition, this host as the only node,
 # no accounting, no cgroups; ports are picked free so it does not collide with another SLURM on the host.
 # Exit status 3: cannot run here (not root, no apt-get and no SLURM installed), so tests can skip with the reason.
 set -euo pipefail
