@@ -45,7 +45,7 @@ def _train(args) -> int:
         return _train_here(cfg, run_dir, state, env, args.slice_steps)
     # With a process group, every exit goes through distributed.shutdown/abort (never returns).
     try:
-        distributed.init(env, cfg.dist.backend, cfg.dist.timeout_s)
+        distributed.init(env, cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.device)
         code = _train_here(cfg, run_dir, state, env, args.slice_steps)
     except BadInput as err:  # e.g. fp16 on a device without it: bad input, one line
         print(f"ddaebm: error: {err}", file=sys.stderr)

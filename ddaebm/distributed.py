@@ -18,6 +18,8 @@ from datetime import timedelta
 
 import torch
 
+from ddaebm.errors import BadInput
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -65,15 +67,27 @@ def discover(environ=None) -> DistEnv:
 
 
 def resolve_device(name: str) -> torch.device:
-    """dist.device: 'auto' is this rank's GPU (LOCAL_RANK) when CUDA is available, else the CPU; 'cuda' needs
-    CUDA (the launch check refuses it before training, ddaebm/launch.py)."""
+    """dist.device: 'auto' is this rank's GPU when CUDA is available, else the CPU; 'cuda' needs CUDA (the launch
+    check refuses it before training, ddaebm/launch.py). Which GPU: cuda_index."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        from ddaebm.errors import BadInput
-
         raise BadInput("dist.device=cuda but CUDA is not available here; use dist.device=auto or cpu")
-    return torch.device("cuda", discover().local_rank)
+    return torch.device("cuda", cuda_index(discover().local_rank, torch.cuda.device_count()))
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The GPU of a rank among the `visible` ones: its local rank where every rank of the node sees all of them
+    (torchrun, a plain srun); 0 where each task sees one (srun --gpus-per-task=1 or --gpu-bind, cgroup-limited
+    GPUs, Ray's per-worker GPUs), whatever its local rank."""
+    if visible < 1:
+        raise BadInput("CUDA is available but this process sees no GPU (CUDA_VISIBLE_DEVICES?)")
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise BadInput(f"LOCAL_RANK={local_rank} but this process sees only {visible} GPUs: start at most {visible} "
+                   "ranks per node, or give each task its own GPU (srun --gpus-per-task=1)")
 
 
 def free_port() -> int:
@@ -87,8 +101,15 @@ def needs_group(env: DistEnv, backend: str) -> bool:
     return env.world > 1 or backend == "deepspeed"
 
 
-def init(env: DistEnv, backend: str, timeout_s: int) -> None:
-    """Start the process group (gloo on CPU, nccl on GPU) whose collectives fail after `timeout_s`."""
+def collective_backend(device: torch.device) -> str:
+    """The process group's backend for a training device: NCCL for GPUs, gloo for the CPU (also on a GPU node
+    when dist.device=cpu: NCCL reduces CUDA tensors only)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init(env: DistEnv, backend: str, timeout_s: int, device: str = "auto") -> None:
+    """Start the process group whose collectives fail after `timeout_s`, for the training device that
+    `device` (dist.device) resolves to on this rank: gloo on CPU, NCCL on the rank's GPU (bound to it)."""
     if not needs_group(env, backend) or is_initialized():
         return
     # A single DeepSpeed process without a launcher would try MPI discovery (docs/architecture.md).
@@ -96,17 +117,19 @@ def init(env: DistEnv, backend: str, timeout_s: int) -> None:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    comm = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-    timeout = timedelta(seconds=timeout_s)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    # torch's own group, bound to the GPU (device_id); DeepSpeed then adopts it instead of starting its own.
+    torch.distributed.init_process_group(collective_backend(dev), rank=env.rank, world_size=env.world,
+                                         timeout=timedelta(seconds=timeout_s),
+                                         device_id=dev if dev.type == "cuda" else None)
     if backend == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=comm, timeout=timeout, auto_mpi_discovery=False, verbose=False,
-                                   rank=env.rank, world_size=env.world)
-    else:
-        torch.distributed.init_process_group(comm, rank=env.rank, world_size=env.world, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=collective_backend(dev), timeout=timedelta(seconds=timeout_s),
+                                   auto_mpi_discovery=False, verbose=False, rank=env.rank, world_size=env.world,
+                                   dist_init_required=False)
 
 
 def is_initialized() -> bool:
@@ -129,13 +152,15 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def any_ranks(flags: list[bool]) -> list[bool]:
-    """Each flag OR-ed over ranks, in one collective (decisions every rank must share: stop, skip)."""
+def max_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """`t` maxed over ranks, in one collective on its own device (0/1 flags: OR), without a host read (decisions
+    every rank must share: stop, skip). `t` must live where the process group's backend reduces (CPU for gloo,
+    the rank's GPU for NCCL), which the training device is (init picks the backend from it)."""
     if world_size() == 1:
-        return list(flags)
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=collective_device())
+        return t
+    t = t.clone()
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return [v > 0 for v in t.tolist()]
+    return t
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ official code shares one sample between the two steps; DDGAN redraws).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +19,7 @@ from torch import nn
 from ddaebm.config import LossConfig
 from ddaebm.diffusion.schedule import (Schedule, diffuse_pair, importance_weight, log_transition,
                                        posterior_mean, posterior_sample, transition_score)
+from ddaebm.networks.precision import full_precision
 
 
 @dataclass(frozen=True)
@@ -101,11 +103,23 @@ def draw_generator_inputs(x0: torch.Tensor, s: Schedule, latent: bool, nz: int, 
     return k, x_k, x_k1, z[rows], noise[2]
 
 
+def device_constant(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A config list as a tensor on `device`, made once per (values, dtype, device): building it every iteration
+    would be a host-to-device copy that waits for the GPU (the training loop keeps the GPU free of host syncs)."""
+    key = (tuple(values), dtype, torch.device(device))
+    if key not in _constants:
+        _constants[key] = torch.tensor(key[0], dtype=dtype, device=device)
+    return _constants[key]
+
+
+_constants: dict = {}
+
+
 def draw_steps(total: int, num_steps: int, rng: torch.Generator, probs: list[float] | None = None) -> torch.Tensor:
     """The step k of each of `total` rows: uniform over 0..num_steps−1, or drawn with the weights `probs`."""
     if probs is None:
         return torch.randint(0, num_steps, (total,), generator=rng, device=rng.device)
-    weights = torch.tensor(list(probs), dtype=torch.float64, device=rng.device)
+    weights = device_constant(probs, torch.float64, rng.device)
     return torch.multinomial(weights, total, replacement=True, generator=rng)
 
 
@@ -113,7 +127,7 @@ def r1_gammas(cfg: LossConfig, k: torch.Tensor) -> torch.Tensor | float:
     """γ of each row's step k ([B]: loss.r1_gamma times its step's loss.r1_gamma_scale), or the one r1_gamma."""
     if cfg.r1_gamma_scale is None:
         return cfg.r1_gamma
-    return cfg.r1_gamma * torch.tensor(list(cfg.r1_gamma_scale), dtype=torch.float32, device=k.device)[k]
+    return cfg.r1_gamma * device_constant(cfg.r1_gamma_scale, torch.float32, k.device)[k]
 
 
 def r1_enabled(cfg: LossConfig) -> bool:
@@ -140,6 +154,14 @@ def r1_penalty(energy: nn.Module, s: Schedule, b: StepBatch, f_real: torch.Tenso
     if torch.is_tensor(gamma):
         return 0.5 * scale * (gamma * grad.pow(2).flatten(1).sum(1)).mean()
     return 0.5 * gamma * scale * grad.pow(2).flatten(1).sum(1).mean()
+
+
+def r1_pass_precision(energy: nn.Module, cfg: LossConfig, with_r1: bool):
+    """The precision of the pass whose input gradient R1 penalises: fp32 under bf16 autocast when
+    loss.r1_precision=fp32 and the penalty is on, else the network's own."""
+    if with_r1 and r1_enabled(cfg) and cfg.r1_precision == "fp32":
+        return full_precision(energy)
+    return contextlib.nullcontext()
 
 
 def nce_rows(b: StepBatch) -> torch.Tensor:
@@ -172,7 +194,8 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
     Real and fake take separate passes: in one pass of 2B, the R1 double backward would also run over the
     fake half.
     """
-    f_real = energy(b.x_k, b.k)
+    with r1_pass_precision(energy, cfg, with_r1):
+        f_real = energy(b.x_k, b.k)
     f_fake = energy(b.x_fake.detach(), b.k)
     loss = -f_real.mean() + cfg.fake_weight * f_fake.mean()
     stats = {"f_real": f_real.mean().detach(), "f_fake": f_fake.mean().detach()}
@@ -196,7 +219,8 @@ def energy_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig, w
 
 def lazy_r1_loss(energy: nn.Module, s: Schedule, b: StepBatch, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
     """The R1 penalty alone, scaled by its interval (StyleGAN2's lazy regularisation)."""
-    f_real = energy(b.x_k, b.k)
+    with r1_pass_precision(energy, cfg, True):
+        f_real = energy(b.x_k, b.k)
     r1 = r1_penalty(energy, s, b, f_real, cfg, scale=float(cfg.r1_interval))
     return r1, {"r1_lazy": r1.detach()}
 
@@ -210,10 +234,9 @@ def _gaussian_nll(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> tor
 def recon_variance(s: Schedule, k: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """v_k = max(σ̃²_k (floored as in the posterior), floor[, σ̃²_1]) of the recon Gaussian (method.md §5.4)."""
     post_var = torch.exp(s.post_logvar)
-    floor = cfg.recon_var_floor
-    if cfg.recon_var_floor_step1 and s.num_steps > 1:
-        floor = max(floor, float(post_var[1]))
-    return post_var[k].clamp(min=floor)
+    if cfg.recon_var_floor_step1 and s.num_steps > 1:  # a tensor floor: no host read of σ̃²_1
+        return post_var[k].clamp(min=post_var[1].clamp(min=cfg.recon_var_floor))
+    return post_var[k].clamp(min=cfg.recon_var_floor)
 
 
 def latent_nll(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

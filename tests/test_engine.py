@@ -3,11 +3,14 @@ optimizer state as Adam(fused=True).step()."""
 
 import copy
 
+import pytest
 import torch
 
 from ddaebm.config import OptimConfig
 from ddaebm.training.engine import TorchEngine
 from ddaebm.training.perf import fast_adam_steps, fused_adam_step
+
+NO = torch.zeros(2)  # the agreed flags [non-finite, stop]: neither
 
 
 def _net():
@@ -24,7 +27,7 @@ def test_direct_step_is_bitwise_adam():
     for i in range(12):
         x = torch.randn(9, 5)
         engine.zero_grad()
-        engine.backward_agreed(ours(x).pow(2).sum(), [False])
+        engine.backward_agreed(ours(x).pow(2).sum(), NO)
         direct += fused_adam_step(engine.optimizer)  # the step itself, to count it
         adam.zero_grad()
         ref(x).pow(2).sum().backward()
@@ -46,17 +49,17 @@ def test_direct_step_is_bitwise_adam():
 
 def test_direct_step_steps_aside():
     engine = TorchEngine(_net(), 1e-3, OptimConfig())
-    engine.backward_agreed(engine.module(torch.randn(3, 5)).sum(), [False])
-    engine.step()  # creates the state
-    engine.backward_agreed(engine.module(torch.randn(3, 5)).sum(), [False])
+    engine.backward_agreed(engine.module(torch.randn(3, 5)).sum(), NO)
+    engine.step(NO[0])  # creates the state
+    engine.backward_agreed(engine.module(torch.randn(3, 5)).sum(), NO)
     hooked = copy.copy(engine)
     handle = engine.optimizer.register_step_pre_hook(lambda *a: None)
     assert not fused_adam_step(hooked.optimizer)
     handle.remove()
     unfused = TorchEngine(_net(), 1e-3, OptimConfig(fused=False))
-    unfused.backward_agreed(unfused.module(torch.randn(3, 5)).sum(), [False])
-    unfused.step()
-    unfused.backward_agreed(unfused.module(torch.randn(3, 5)).sum(), [False])
+    unfused.backward_agreed(unfused.module(torch.randn(3, 5)).sum(), NO)
+    unfused.step(NO[0])
+    unfused.backward_agreed(unfused.module(torch.randn(3, 5)).sum(), NO)
     assert not fused_adam_step(unfused.optimizer)
     assert fused_adam_step(engine.optimizer)
 
@@ -100,8 +103,8 @@ def test_shared_step_counter_survives_a_reload_and_a_missing_gradient():
         for net in (ours, ref):
             net[0].bias.requires_grad_(not frozen)
         engine.zero_grad()
-        engine.backward_agreed(ours(x).pow(2).sum(), [False])
-        engine.step()
+        engine.backward_agreed(ours(x).pow(2).sum(), NO)
+        engine.step(NO[0])
         adam.zero_grad()
         ref(x).pow(2).sum().backward()
         adam.step()
@@ -153,3 +156,19 @@ def test_flat_parameters_and_the_ema_average():
     assert fast._bound["n"][5] is not None and slow._bound["n"][5] is None
     for a, b in zip(fast.shadow["n"].parameters(), slow.shadow["n"].parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_skip_flag_skips_the_update_and_its_step_count(fused):
+    """engine.step(skip): fused Adam skips on the device (found_inf: no host read), the unfused one after reading
+    the flag; either way no parameter moves and the step counter stays."""
+    engine = TorchEngine(_net(), 1e-3, OptimConfig(fused=fused))
+    for skip in (0.0, 0.0, 1.0):
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        engine.zero_grad()
+        engine.backward_agreed(engine.module(torch.randn(3, 5)).sum(), NO)
+        engine.step(torch.tensor(skip))
+        moved = any(not torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+        assert moved == (skip == 0.0)
+    steps = {float(s["step"]) for s in engine.optimizer.state.values()}
+    assert steps == {2.0}

@@ -19,7 +19,7 @@ from ddaebm.fastpath import objectives as fo
 from ddaebm.fastpath import passes as tf
 from ddaebm.losses import ABLATIONS, draw_step_batch, r1_gammas
 from ddaebm.networks import build_energy, build_generator_encoder
-from ddaebm.training.precision import autocast_bf16
+from ddaebm.networks.precision import autocast_bf16
 
 SCHEDULE = build_schedule(DiffusionConfig(variance="geometric", beta_min=1e-4, beta_max=0.9999))
 TOL = dict(rtol=2e-4, atol=2e-5)

@@ -39,11 +39,13 @@ def _worker(out: str, mode: str, directory: str, chunk: int) -> None:
     reducer = shm if shm is not None else reduce.ProcessGroupReducer()
     try:
         t0 = time.monotonic()
-        flags = reduce.reduce_gradients_and_flags(reducer, grads, [rank == 1, False, rank == world - 1], world)
+        flags = reduce.reduce_gradients_and_flags(reducer, grads, torch.tensor([rank == 1, False, rank == world - 1]),
+                                                  world)
+        flags = [v > 0 for v in flags.tolist()]
         result.update(flags=flags, grads=[x.tolist() for x in grads], seconds=time.monotonic() - t0)
         # a second round through the other slot set
-        twice = reduce.reduce_gradients_and_flags(reducer, [torch.full((40,), float(rank))], [False], world)
-        result["second"] = twice
+        twice = reduce.reduce_gradients_and_flags(reducer, [torch.full((40,), float(rank))], torch.zeros(1), world)
+        result["second"] = [v > 0 for v in twice.tolist()]
     except RuntimeError as err:
         result.update(error=str(err), seconds=time.monotonic() - t0)
     Path(out).write_text(json.dumps(result))

@@ -42,6 +42,7 @@ CHOICES = {
     "loss.ablation": ("full", "no_latent", "kl_only", "kl_no_entropy"),
     "loss.recon_mode": ("elbo_encoder", "mse_prior_z"),
     "loss.r1_target": ("full_conditional", "energy_only"),
+    "loss.r1_precision": ("fp32", "network"),
     "optim.lr_schedule": ("constant", "cosine"),
     "dist.backend": ("torch", "deepspeed"),
     "dist.zero_stage": (0, 1, 2),

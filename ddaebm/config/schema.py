@@ -120,6 +120,10 @@ class LossConfig:
     """'full_conditional' (∇[f + log N(x_{k+1}; a x_k, σ²)], official) or 'energy_only' (∇f)."""
     r1_interval: int = 1
     """Lazy R1: apply the penalty (scaled by the interval) every this many steps, as its own phase."""
+    r1_precision: str = "fp32"
+    """Under dist.precision=bf16: 'fp32' runs the real samples' energy pass, whose input gradient R1 penalises, in
+    fp32 (method.md §11: a bf16 ∇ₓf is too coarse for a penalty on its square norm), the fake pass in bf16;
+    'network' leaves it in bf16 too (faster). No effect in fp32, nor under fp16 (the weights are half)."""
     fake_weight: float = 1.0
     """Weight of the fake term in the energy loss (0.1 for MNIST, method.md §5)."""
     nce_weight: float = 0.0

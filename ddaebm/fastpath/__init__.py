@@ -26,6 +26,7 @@ HANDLED = {
                   "clamp_beta", "posterior_logvar_floor"},
     "loss": {"lambda_ent", "lambda_rec", "lambda_kl", "iw_alpha", "iw_beta", "recon_var_floor",
              "recon_var_floor_step1", "r1_gamma", "r1_gamma_scale", "step_probs", "r1_target", "r1_interval",
+             "r1_precision",  # the fast path runs in fp32 only
              "fake_weight", "nce_weight", "nce_std"},
     "model": {"data_dim", "nz", "hidden", "t_emb_dim", "gen_norm", "energy_base_std", "logvar_min", "logvar_max",
               "sample_bn_mode",  # sampling only

@@ -19,9 +19,9 @@ from torch import nn
 from ddaebm import distributed
 from ddaebm.config import Config, DistConfig, OptimConfig
 from ddaebm.errors import BadInput
-from ddaebm.training.engine import ENGINE_NAMES, adam
+from ddaebm.training.engine import ENGINE_NAMES, adam, step_on_device
 from ddaebm.training.perf import drop_forward_hooks, fast_adam_steps
-from ddaebm.training.precision import autocast_bf16, keep_losses_in_fp32
+from ddaebm.networks.precision import autocast_bf16, keep_losses_in_fp32
 from ddaebm.training.reduce import build_reducer, reduce_gradients_and_flags
 
 TAG = "ds"
@@ -63,7 +63,7 @@ class DeepSpeedEngine:
         drop_forward_hooks(self.engine)
         if self.engine.optimizer is client:  # ZeRO 0 wraps nothing: DeepSpeed calls our optimizer's step itself
             fast_adam_steps(client)
-        self.params, self.reducer, self.load_universal = params, reducer, load_universal
+        self.params, self.reducer, self.load_universal, self.client = params, reducer, load_universal, client
         if d.zero_stage == 0 and (reducer is not None or self.engine.world_size == 1):
             # Ours instead, or none at all: on one rank DeepSpeed would still flatten every gradient into a
             # buffer, all-reduce it with itself and copy it back.
@@ -77,21 +77,23 @@ class DeepSpeedEngine:
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
-    def backward_agreed(self, loss: torch.Tensor, flags: list[bool]) -> list[bool]:
-        """Backward and the gradient exchange, with `flags` OR-ed over ranks (flags[0]: a non-finite loss, the
-        update is skipped). With a reducer, one exchange carries both (backward runs even on a non-finite
-        loss, whose update is then skipped everywhere); otherwise the flags go first, in their own collective."""
-        if self.reducer is None:
-            flags = distributed.any_ranks(flags)
-            if not flags[0]:
-                self.engine.backward(loss)
-            return flags
+    def backward_agreed(self, loss: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        """Backward and the gradient exchange, with `flags` maxed over ranks (flags[0]: a non-finite loss, whose
+        update is then skipped everywhere). With a reducer, one exchange carries both; otherwise DeepSpeed
+        reduces the gradients and the flags take one small collective on the device."""
         self.engine.backward(loss)
+        if self.reducer is None:
+            return distributed.max_over_ranks(flags)
         grads = [p.grad for p in self.params if p.grad is not None]
         return reduce_gradients_and_flags(self.reducer, grads, flags, self.engine.world_size)
 
-    def step(self) -> None:
-        self.engine.step()
+    def step(self, skip: torch.Tensor) -> None:
+        """At ZeRO 0 (fp32/bf16) DeepSpeed steps our fused Adam itself, which skips on the device (found_inf);
+        ZeRO 1/2 and fp16 wrap it in their own optimizers, so there the flag is read on the host first."""
+        if self.engine.optimizer is self.client:
+            step_on_device(self.client, skip, self.engine.step)
+        elif not skip.item():
+            self.engine.step()
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:

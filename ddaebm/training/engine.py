@@ -15,7 +15,7 @@ from torch import nn
 
 from ddaebm.config import OptimConfig
 from ddaebm.training.perf import fast_adam_steps, flatten_parameters
-from ddaebm.training.precision import autocast_bf16
+from ddaebm.networks.precision import autocast_bf16
 
 ENGINE_NAMES = ("energy", "generator")  # the energy f_θ; the generator+encoder (one optimizer, method.md §5)
 
@@ -25,11 +25,13 @@ class Engine(Protocol):
 
     def zero_grad(self) -> None: ...
 
-    def backward_agreed(self, loss: torch.Tensor, flags: list[bool]) -> list[bool]:
-        """Backward unless flags[0] (a non-finite loss on this rank: the update will be skipped), and the flags
-        OR-ed over all ranks (skip, stop), which every rank must act on alike."""
+    def backward_agreed(self, loss: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        """Backward, and `flags` ([non-finite loss, stop request] as 0/1 on the loss's device) maxed over all
+        ranks, which every rank must act on alike; no host read."""
 
-    def step(self) -> None: ...
+    def step(self, skip: torch.Tensor) -> None:
+        """The optimizer step, skipped where `skip` (a 0-dim 0/1 tensor: the agreed non-finite flag) is 1: on the
+        device where the optimizer can (fused Adam's found_inf), by a host read where it cannot."""
 
     def set_lr(self, lr: float) -> None: ...
 
@@ -44,6 +46,21 @@ class Engine(Protocol):
 
     def load(self, folder: Path) -> None:
         """Collective: read back what `save` wrote (after load_state_dict)."""
+
+
+def step_on_device(optimizer: torch.optim.Optimizer, skip: torch.Tensor, step=None) -> None:
+    """`step()` (default optimizer.step, which may also be a wrapper that calls it) unless `skip` is 1. Fused
+    Adam takes the flag as its found_inf and skips in the kernel, so the host never waits for the GPU; any other
+    optimizer needs the flag on the host first."""
+    step = optimizer.step if step is None else step
+    if optimizer.param_groups[0].get("fused"):
+        optimizer.found_inf = skip.to(torch.float32)
+        try:
+            step()  # the direct fused kernels wherever they apply (fast_adam_steps)
+        finally:
+            optimizer.found_inf = None
+    elif not skip.item():
+        step()
 
 
 def adam(params: list, lr: float, cfg: OptimConfig) -> torch.optim.Adam:
@@ -80,15 +97,14 @@ class TorchEngine:
             for p in group["params"]:
                 p.grad = None
 
-    def backward_agreed(self, loss: torch.Tensor, flags: list[bool]) -> list[bool]:
-        if not flags[0]:
-            loss.backward()
-        return list(flags)  # one process: its own flags are everyone's
+    def backward_agreed(self, loss: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        loss.backward()  # a non-finite loss gives non-finite gradients, whose step is skipped
+        return flags  # one process: its own flags are everyone's
 
-    def step(self) -> None:
+    def step(self, skip: torch.Tensor) -> None:
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()  # the direct fused kernels wherever they apply (fast_adam_steps)
+        step_on_device(self.optimizer, skip)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -65,7 +65,7 @@ def fused_adam_step(opt: torch.optim.Optimizer) -> bool:
     if ((wrapper is not None and not getattr(wrapper, "fused_adam_fast_path", False))
             or len(opt.param_groups) != 1 or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
             or _optim._global_optimizer_pre_hooks or _optim._global_optimizer_post_hooks
-            or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None):
+            or getattr(opt, "grad_scale", None) is not None):
         return False
     group = opt.param_groups[0]
     if (not group.get("fused") or group["amsgrad"] or group["capturable"] or group["differentiable"]
@@ -79,11 +79,14 @@ def fused_adam_step(opt: torch.optim.Optimizer) -> bool:
             return False
         opt._ddaebm_plan = plan
     beta1, beta2 = group["betas"]
+    found_inf = getattr(opt, "found_inf", None)  # a device flag: 1 skips the update in the kernel (no host read)
     plan.steps_buffer.add_(1)
     torch._fused_adam_(plan.params, [g for g in grads if g is not None], plan.exp_avgs, plan.exp_avg_sqs, [],
                        plan.steps, amsgrad=False, lr=group["lr"], beta1=float(beta1), beta2=float(beta2),
                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-                       grad_scale=None, found_inf=None)
+                       grad_scale=None, found_inf=found_inf)
+    if found_inf is not None:  # a skipped step does not count (as Adam.step does it)
+        plan.steps_buffer.sub_(found_inf)
     return True
 
 

@@ -196,13 +196,12 @@ def build_reducer(world: int, rank: int, timeout: timedelta | float):
     return ProcessGroupReducer()
 
 
-def reduce_gradients_and_flags(reducer, grads: list[torch.Tensor], flags: list[bool], world: int) -> list[bool]:
-    """Average `grads` (in place) over ranks and OR `flags`, in one exchange; returns the agreed flags."""
-    device = grads[0].device if grads else torch.device("cpu")
-    flag_t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-    flat = torch.cat([*(g.reshape(-1).float() for g in grads), flag_t])
+def reduce_gradients_and_flags(reducer, grads: list[torch.Tensor], flags: torch.Tensor, world: int) -> torch.Tensor:
+    """Average `grads` (in place) over ranks and OR `flags` (0/1 values), in one exchange; returns the agreed
+    flags as 0/1 float32."""
+    flat = torch.cat([*(g.reshape(-1).float() for g in grads), flags.float().reshape(-1)])
     reducer.all_reduce_(flat)
-    agreed = [v > 0 for v in flat[flat.numel() - len(flags):].tolist()]
+    agreed = (flat[flat.numel() - flags.numel():] > 0).float()
     if grads:
         sizes = [g.numel() for g in grads]
         summed = flat[:sum(sizes)].div_(world).split(sizes)

@@ -9,6 +9,7 @@ once here: the generic autograd ones, or the toy fast path's (ddaebm/fastpath, t
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,10 @@ from ddaebm.training.ema import EMA
 from ddaebm.training.backends import build_engines
 
 LossFn = Callable[["Trainer", StepBatch], tuple[torch.Tensor, dict]]
+
+
+class RNGWarning(UserWarning):
+    """A checkpoint's random state could not be restored exactly (another device type)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,9 @@ class Trainer:
         """`resume_state`: the checkpoint state this trainer will load (its engines may need to prepare for it);
         `objectives`: the losses to train with, by default as train.fast_path selects them."""
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.model = Model(cfg)
+        self.model = Model(cfg)  # seeded: the same initial weights on every rank
+        if rank:  # then the global generators (dropout masks) differ per rank; rank 0 keeps the seed's stream
+            torch.manual_seed(cfg.train.seed * 1_000_003 + rank)
         self.device, self.terms, self.schedule = self.model.device, self.model.terms, self.model.schedule
         self.energy, self.gen_enc = self.model.energy, self.model.gen_enc
         if objectives is None:
@@ -120,8 +127,11 @@ class Trainer:
     def train_step(self, stop_requested: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
         """One iteration: draw the shared batch, run each due phase, update the EMA.
 
-        `stop_requested` (e.g. a preemption signal seen on this rank) is asked during the last phase and agreed
-        on by all ranks in that phase's gradient exchange; the verdict is `self.stop_agreed`.
+        A phase's non-finite loss and the stop request (`stop_requested`, e.g. a preemption signal seen on this
+        rank, asked in the last phase) are flags on the device, agreed by all ranks in the phase's gradient
+        exchange; a phase whose agreed flag is set skips its update on the device. The host reads the flags once,
+        after the last update (the verdict: `self.stop_agreed`, the non-finite counters), so the GPU never waits
+        on the host in between. Every returned stat is a 0-dim tensor on the training device.
         """
         if self.cfg.optim.lr_schedule != "constant":
             for name, lr in self.learning_rates().items():
@@ -129,37 +139,34 @@ class Trainer:
         self._train_only("generator")  # the fake's graph to φ is kept for the generator phase
         b = self._draw()
         stats: dict[str, torch.Tensor] = {}
-        skipped = False
+        agreed = []
         due = [phase for phase in self.phases if self.step % phase.interval == 0]
         for i, phase in enumerate(due):
             engine = self.engines[phase.engine]
             self._train_only(phase.engine)
             loss, phase_stats = phase.loss(self, b)
             stats.update(phase_stats)
-            last = i == len(due) - 1
-            flags = [not math.isfinite(loss.item())]  # one host read (torch.isfinite then bool: two)
-            if last:
-                flags.append(bool(stop_requested()) if stop_requested is not None else False)
+            stop = i == len(due) - 1 and stop_requested is not None and bool(stop_requested())
+            flags = torch.stack([torch.isfinite(loss.detach()).logical_not().float(),
+                                 torch.full((), float(stop), device=loss.device)])
             engine.zero_grad()
             # A NaN/Inf loss on any rank skips this update on all of them (the engines must stay in step).
             flags = engine.backward_agreed(loss, flags)
             # The graph goes now, not when the next phase's loss replaces it: a fused objective's saved
-            # activations (~5 MB for the toy energy step) would otherwise stay through the next phase's forward.
+            # activations (several MB for the toy energy step) would otherwise stay through the next phase's forward.
             del loss
-            if last:
-                self.stop_agreed = flags[1]
-            if flags[0]:
-                skipped = True
-                continue
-            engine.step()
+            engine.step(flags[0])
+            agreed.append(flags)
         if self.ema is not None:
             self.ema.update(self.modules)
         self.step += 1
+        nonfinite = torch.stack(agreed).amax(0)  # [any phase skipped, stop]
+        skipped, self.stop_agreed = (v > 0 for v in nonfinite.tolist())  # the iteration's one host read
         self.nonfinite_total += skipped
         self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
-        stats["nonfinite"] = torch.tensor(float(skipped))
+        stats["nonfinite"] = nonfinite[0]
         if hasattr(self._stream, "decode_errors"):  # image data: undecodable samples skipped so far (on_error=skip)
-            stats["decode_errors"] = torch.tensor(float(self._stream.decode_errors))
+            stats["decode_errors"] = torch.full((), float(self._stream.decode_errors), device=self.device)
         return stats
 
     def _draw(self) -> StepBatch:
@@ -179,7 +186,8 @@ class Trainer:
             "engines": {name: e.state_dict() for name, e in self.engines.items()},
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "stream": self._stream.state_dict() if self._stream is not None else self._stream_state,
-            "rng": {"step": self.rng.get_state(), "torch": torch.get_rng_state(), "cuda": self._cuda_rng()},
+            "rng": {"step": self.rng.get_state(), "device": self.device.type, "torch": torch.get_rng_state(),
+                    "cuda": self._cuda_rng()},
             "nonfinite": {"total": self.nonfinite_total, "streak": self.nonfinite_streak},
             "world": self.world,
         }
@@ -195,12 +203,23 @@ class Trainer:
         self._stream_state = state["stream"]
         if self._stream is not None:
             self._stream.load_state_dict(state["stream"])
-        self.rng.set_state(state["rng"]["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:  # dropout's noise on the GPU
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self._load_rng(state["rng"])
         counts = state.get("nonfinite", {})
         self.nonfinite_total, self.nonfinite_streak = counts.get("total", 0), counts.get("streak", 0)
+
+    def _load_rng(self, rng: dict) -> None:
+        """The generators' states; a checkpoint of another device type (CPU and CUDA generator states differ)
+        resumes with the step generator reseeded from the step, with a warning: not a bit-exact continuation."""
+        if rng.get("device", "cpu") == self.device.type:
+            self.rng.set_state(rng["step"])
+        else:
+            warnings.warn(f"the checkpoint's random state is of a {rng.get('device', 'cpu')} generator and this run "
+                          f"trains on {self.device.type}: its noise is reseeded (the run continues, not bit-exactly)",
+                          RNGWarning, stacklevel=3)
+            self.rng.manual_seed(self.cfg.train.seed * 7919 + 17 + self.step)
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng.get("cuda") is not None and rng.get("device") == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)  # dropout's noise on the GPU
 
     def _cuda_rng(self):
         return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None

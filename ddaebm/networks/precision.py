@@ -7,6 +7,7 @@ half precision. Both backends use this (dist.precision).
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -20,7 +21,7 @@ def _fp32(out):
 
 
 def _autocast_forward(self, *args, **kwargs):
-    with torch.autocast(self.autocast_device, dtype=torch.bfloat16):
+    with torch.autocast(self.autocast_device, dtype=torch.bfloat16, enabled=self.autocast_enabled):
         out = type(self).forward(self, *args, **kwargs)
     return _fp32(out)
 
@@ -36,8 +37,24 @@ def autocast_bf16(module: nn.Module) -> None:
     callable_modules = [module] if type(module).forward is not nn.Module.forward else list(module.children())
     for m in callable_modules:
         if m is not None:
-            m.autocast_device = device
+            m.autocast_device, m.autocast_enabled = device, True
             m.forward = types.MethodType(_autocast_forward, m)
+
+
+@contextlib.contextmanager
+def full_precision(module: nn.Module):
+    """Within: `module` (wrapped by autocast_bf16) computes in fp32, e.g. the real pass whose input gradient R1
+    penalises (loss.r1_precision=fp32: a bf16 ∇ₓf is too coarse for a penalty on its square norm, method.md
+    §11). A module without the wrapper (fp32 already, or DeepSpeed fp16 weights) is left as it is."""
+    modules = module.modules() if isinstance(module, nn.Module) else ()  # (a plain function: nothing to switch)
+    wrapped = [m for m in modules if "autocast_enabled" in m.__dict__]
+    for m in wrapped:
+        m.autocast_enabled = False
+    try:
+        yield module
+    finally:
+        for m in wrapped:
+            m.autocast_enabled = True
 
 
 def _cast_inputs(module: nn.Module, args: tuple) -> tuple:
