@@ -40,6 +40,9 @@ def write_parser() -> argparse.ArgumentParser:
                    help="celeba: output size (default 64); stackedmnist: padded size (default 32); folder/lsun: "
                         "resize shorter side + centre crop to PNG (default: keep the source's bytes)")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples (LSUN church: 120000)")
+    p.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
+                   help="folder/lsun: store images as JPEG at quality Q (1-100, 4:4:4), which DALI decodes on the GPU "
+                        "(LSUN's WebP and PNG decode on the CPU); JPEG sources without --resolution stay as they are")
     p.add_argument("--workers", type=int, default=1, help="encoding processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing complete split")
     p.add_argument("--class-dirs", action="store_true", help="folder: label = first-level subdirectory")
@@ -52,12 +55,14 @@ def write_parser() -> argparse.ArgumentParser:
 def make_source(a: argparse.Namespace) -> sources.Source:
     if not a.input.exists():
         raise FileNotFoundError(f"--input {a.input} does not exist")
+    if a.jpeg_quality is not None and (a.source not in ("folder", "lsun") or not 1 <= a.jpeg_quality <= 100):
+        raise ValueError(f"--jpeg-quality {a.jpeg_quality}: a quality 1-100, for the folder and lsun sources")
     if a.source == "folder":
-        return sources.folder(a.input, a.split, a.resolution, a.class_dirs, a.limit)
+        return sources.folder(a.input, a.split, a.resolution, a.class_dirs, a.limit, a.jpeg_quality)
     if a.source == "cifar10":
         return sources.cifar10(a.input, a.split, a.limit)
     if a.source == "lsun":
-        return sources.lsun(a.input, a.split, a.resolution, a.limit)
+        return sources.lsun(a.input, a.split, a.resolution, a.limit, a.jpeg_quality)
     if a.source == "celeba":
         return sources.celeba(a.input, a.split, a.resolution or 64, a.partition, a.limit)
     if a.source == "mnist":

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from data_shards.writer import Record, encode_png
+from data_shards.writer import Record, encode_jpeg, encode_png
 from ddaebm.data.shards import sniff_ext
 
 CELEBA64_BOX = (15, 40, 163, 188)  # NVAE/DDGAN CropCelebA64: (left, upper, right, lower)
@@ -54,28 +54,33 @@ def resize_crop(im, r: int):
     return im.resize(size, Image.BILINEAR).crop((left, top, left + r, top + r))
 
 
-def _from_bytes(job, resolution: int | None) -> Record:
-    """Folder/LSUN: keep the source's encoding, or resize+crop to a PNG when a resolution is given."""
+def _from_bytes(job, resolution: int | None, jpeg_quality: int | None = None) -> Record:
+    """Folder/LSUN: keep the source's encoding, or resize+crop when a resolution is given; stored as PNG, or as
+    JPEG at `jpeg_quality` (a JPEG source without resize is kept as it is: re-encoding would only lose)."""
     data, label, src = job
-    if resolution is None:
-        try:
-            return Record(data, sniff_ext(data), label, src)
-        except ValueError as e:
-            raise ValueError(f"{src}: {e}") from None
+    try:
+        ext = sniff_ext(data)
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
+    if resolution is None and (jpeg_quality is None or ext in ("jpg", "jpeg")):
+        return Record(data, ext, label, src)
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")
-    return Record(encode_png(np.asarray(resize_crop(im, resolution))), "png", label, src)
+        pixels = np.asarray(im if resolution is None else resize_crop(im, resolution))
+    if jpeg_quality is not None:
+        return Record(encode_jpeg(pixels, jpeg_quality), "jpg", label, src)
+    return Record(encode_png(pixels), "png", label, src)
 
 
-def _read_job(job, resolution: int | None) -> Record:
+def _read_job(job, resolution: int | None, jpeg_quality: int | None = None) -> Record:
     path, label, src = job
-    return _from_bytes((Path(path).read_bytes(), label, src), resolution)
+    return _from_bytes((Path(path).read_bytes(), label, src), resolution, jpeg_quality)
 
 
 def folder(input: Path, split: str, resolution: int | None = None, class_dirs: bool = False,
-           limit: int | None = None) -> Source:
+           limit: int | None = None, jpeg_quality: int | None = None) -> Source:
     """Every image under `input` (recursively, sorted by path). With class_dirs, the label is the index of the
     first-level subdirectory among the sorted subdirectory names (torchvision's ImageFolder convention)."""
     files = sorted(p for p in input.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
@@ -88,8 +93,8 @@ def folder(input: Path, split: str, resolution: int | None = None, class_dirs: b
     jobs = ((str(p), label[p.relative_to(input).parts[0]] if class_dirs else None, str(p.relative_to(input)))
             for p in files)
     labels = {"kind": "class", "num_classes": len(classes), "names": classes} if class_dirs else None
-    return Source(_limited(jobs, limit), partial(_read_job, resolution=resolution), labels,
-                  {"kind": "folder", "path": str(input), "resolution": resolution})
+    return Source(_limited(jobs, limit), partial(_read_job, resolution=resolution, jpeg_quality=jpeg_quality), labels,
+                  {"kind": "folder", "path": str(input), "resolution": resolution, "jpeg_quality": jpeg_quality})
 
 
 def _cifar_job(job) -> Record:
@@ -142,12 +147,14 @@ def _lmdb_items(path: Path, numeric: bool) -> Iterable[tuple[bytes, bytes]]:
     env.close()
 
 
-def lsun(input: Path, split: str, resolution: int | None = None, limit: int | None = None) -> Source:
+def lsun(input: Path, split: str, resolution: int | None = None, limit: int | None = None,
+         jpeg_quality: int | None = None) -> Source:
     """An LSUN LMDB (`<category>_<split>_lmdb`; keys -> encoded webp/jpeg, as LSUN's `export` tool reads it), in
     key order; `--limit 120000` gives DDGAN/DDAEBM's first 120k church images (method.md §8)."""
     jobs = ((v, None, k.decode()) for k, v in _lmdb_items(input, numeric=False))
-    return Source(_limited(jobs, limit), partial(_from_bytes, resolution=resolution), None,
-                  {"kind": "lsun", "path": str(input), "order": "lmdb key", "resolution": resolution, "limit": limit})
+    return Source(_limited(jobs, limit), partial(_from_bytes, resolution=resolution, jpeg_quality=jpeg_quality), None,
+                  {"kind": "lsun", "path": str(input), "order": "lmdb key", "resolution": resolution, "limit": limit,
+                   "jpeg_quality": jpeg_quality})
 
 
 def _celeba_job(job, resolution: int) -> Record:

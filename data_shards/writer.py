@@ -21,6 +21,16 @@ class Record(NamedTuple):
     src: str | None = None
 
 
+def encode_jpeg(array, quality: int) -> bytes:
+    """A JPEG at `quality` without chroma subsampling (4:4:4), of an H×W or H×W×3 uint8 array: the format that
+    DALI's `mixed` decoder decodes on the GPU (nvJPEG), where PNG and WebP fall back to the CPU."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
+
+
 def encode_png(array) -> bytes:
     """Lossless PNG of an H×W (grayscale) or H×W×3 uint8 array."""
     from PIL import Image

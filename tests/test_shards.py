@@ -146,6 +146,30 @@ def test_lsun_lmdb_keeps_webp_and_jpeg_bytes(tmp_path):
     assert [s._pread(i, s.image_loc)[:4] for i in range(2)] == [b"\xff\xd8\xff\xe0", b"RIFF"]
 
 
+def test_lsun_reencoded_to_jpeg_for_the_gpu_decoder(tmp_path):
+    """--jpeg-quality: WebP (and PNG) sources become 4:4:4 JPEGs at that quality, which DALI's `mixed` decoder
+    takes on the GPU; a JPEG source is kept byte for byte; a quality outside 1-100 is refused."""
+    import lmdb
+
+    imgs = rand_images(4, 40, 56, seed=3)
+    smooth = (imgs.astype(np.float32) * 0 + np.linspace(0, 255, 56)[None, None, :, None]).astype(np.uint8)
+    values = {f"{k:040x}".encode(): encoded(a, "WEBP" if k % 2 else "JPEG", quality=100, lossless=k % 2 == 1)
+              for k, a in enumerate(smooth)}
+    env = lmdb.open(str(tmp_path / "lmdb"), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for k, v in values.items():
+            txn.put(k, v)
+    env.close()
+    args = ["lsun", "--input", str(tmp_path / "lmdb"), "--out", str(tmp_path / "o"), "--name", "church"]
+    assert shards_main([*args, "--jpeg-quality", "0"]) == 2
+    assert shards_main([*args, "--jpeg-quality", "95"]) == 0
+    data, _, _ = read_all(tmp_path / "o", "church", "train")
+    keys = sorted(values)
+    assert load_manifest(tmp_path / "o", "church", "train")["image"]["exts"] == ["jpg"]
+    assert data[0] == values[keys[0]]  # a JPEG source, kept
+    assert data[1][:3] == b"\xff\xd8\xff" and np.abs(decoded(data[1]).astype(int) - smooth[1]).mean() < 2
+
+
 def test_celeba_crop_box_then_resize_to_64(tmp_path):
     folder = tmp_path / "img_align_celeba"
     folder.mkdir()

@@ -220,6 +220,13 @@ class DistConfig:
     """Collective timeout: a rank that dies makes the others fail after at most this long instead of hanging."""
     device: str = "auto"
     """'auto' (this rank's GPU when CUDA is available, else CPU), 'cpu' or 'cuda'."""
+    cudnn_benchmark: bool = True
+    """On GPUs: let cuDNN time its convolution algorithms on the first batches and keep the fastest (the shapes
+    never change within a run). Off: cuDNN's heuristic choice, the same on every run."""
+    tf32: bool = False
+    """On Ampere and later GPUs: run fp32 matrix products and convolutions in TF32 (10-bit mantissa, several
+    times faster). Off, the default: an fp32 config computes in fp32 (cuDNN's own default would use TF32 for
+    convolutions); bench/gpu_check.py measures what TF32 does to R1."""
 
 
 @dataclass

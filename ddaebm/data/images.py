@@ -60,7 +60,7 @@ def open_batches(loader: str, shards: ShardSet, t: Transform, plan: Iterator[Pla
                  device: int | None, on_error: str):
     """The batches of `plan` decoded by the named loader ('pil' or 'dali')."""
     if loader == "pil":
-        return PilBatches(shards, t, plan, workers)
+        return PilBatches(shards, t, plan, workers, device)
     from ddaebm.data.dali import DaliBatches
 
     return DaliBatches(shards, t, plan, workers, device, batch, skip=on_error == "skip")
@@ -102,9 +102,10 @@ class ImageStream:
     """Endless training batches of one split (see the module docstring for order, resume and errors).
 
     `batch` is per rank; the global batch is batch·world. `loader`: 'pil', 'dali' (GPU `mixed` decode when
-    CUDA is available, else DALI on CPU) or 'auto'. `device`: CUDA device index for DALI (default: torch's
-    current device when CUDA is available). Batches come back as float32 [batch, *data_shape], on the DALI GPU
-    when decoded there, else on the CPU.
+    CUDA is available, else DALI on CPU) or 'auto'. `device`: the training GPU's index (−1: training on the CPU;
+    None: DALI takes torch's current device when CUDA is available, PIL the CPU). Batches come back as float32
+    [batch, *data_shape] on that GPU (DALI decodes there; PIL's uint8 batches are pinned, copied and converted
+    there), else on the CPU.
     """
 
     def __init__(self, root, name: str, split: str, batch: int, resolution: int, channels: int = 3,
@@ -160,7 +161,7 @@ class ImageStream:
         self.epoch, self.offset = planned.epoch, planned.offset + self.batch * self.world
         if self.t.preprocess == "logit":
             images = logit_pixels(images, dequant_noise(self.seed, planned.epoch, planned.positions,
-                                                        images[0].numel()))
+                                                        images[0].numel()).to(images.device))
         return images
 
     def state_dict(self) -> dict:

@@ -22,7 +22,7 @@ from ddaebm.fsio import write_atomic
 from ddaebm.networks import parameter_counts
 from ddaebm.snapshots import save_reals, save_snapshot
 from ddaebm.training.monitor import Monitor
-from ddaebm.training.perf import retain_freed_heap_memory
+from ddaebm.training.perf import apply_gpu_settings, retain_freed_heap_memory
 from ddaebm.training.preemption import NonFiniteStop, Preempted, stop_signals
 from ddaebm.training.trainer import Trainer
 
@@ -91,6 +91,8 @@ def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, 
         torch.set_num_threads(cfg.train.threads)
     if distributed.resolve_device(cfg.dist.device).type == "cpu":
         retain_freed_heap_memory()  # process-wide: every step reuses the previous one's memory (training/perf.py)
+    else:
+        apply_gpu_settings(cfg.dist.cudnn_benchmark, cfg.dist.tf32)
     lead = rank == 0
     if trainer is None:
         trainer = build_trainer(cfg, state, rank, world)

@@ -13,6 +13,8 @@ None changes the math: each does what a plain PyTorch call would, in less time.
 - `drop_forward_hooks` (DeepSpeedEngine): DeepSpeed's forward hooks only start and stop its timers in the
   configurations built here; removing them saves their cost per network call and lets the toy fast path apply.
   It steps aside wherever the hooks do more (ZeRO 3, the flops profiler, fp16 input casting).
+- `apply_gpu_settings` (GPU runs; process-wide, applied by the training entry point): cuDNN's autotuner and TF32
+  as dist.cudnn_benchmark and dist.tf32 say (both are settings of the torch backends, not of a model).
 - The shared-memory gradient exchange of CPU ranks on one host is ddaebm/training/reduce.py (used at ZeRO 0 on
   CPU ranks; DeepSpeed's own reduction elsewhere).
 
@@ -54,6 +56,14 @@ def retain_freed_heap_memory() -> None:
 
 
 _heap_retained = False
+
+
+def apply_gpu_settings(cudnn_benchmark: bool, tf32: bool) -> None:
+    """cuDNN's autotuner on or off; TF32 for fp32 matrix products and convolutions on or off (explicitly: cuDNN
+    would otherwise use TF32 for convolutions while matmuls stay fp32)."""
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def fused_adam_step(opt: torch.optim.Optimizer) -> bool:
