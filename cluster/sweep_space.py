@@ -14,21 +14,55 @@ from ddaebm.errors import BadInput
 KINDS = ("uniform", "loguniform", "choice", "grid")
 
 
+VARIANCE_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # explicit variances: factors on the inner ones
+
+
 def default_space(cfg) -> dict:
     """Ranges around CONFIG: w(t)'s α and β (paper LSUN (0.6, 0.2), default (1, 1)), γ within ×/÷10 of
-    CONFIG's, and the β schedule in the units of CONFIG's diffusion.variance."""
-    d, gamma = cfg.diffusion, cfg.loss.r1_gamma
+    CONFIG's, and the β schedule in the units of CONFIG's diffusion.variance (every kind has one)."""
+    gamma = cfg.loss.r1_gamma
     space = {"loss.iw_alpha": ["loguniform", 0.2, 2.0],
              "loss.iw_beta": ["loguniform", 0.1, 2.0],
              "loss.r1_gamma": ["loguniform", gamma / 10, gamma * 10] if gamma > 0 else ["loguniform", 1e-4, 0.1],
              "diffusion.grid": ["choice", "eps", "drl"]}
-    if d.variance == "vp":  # β(t) from beta_min to beta_max (SPEC §1.3)
-        space["diffusion.beta_min"] = ["loguniform", 0.01, 1.0]
-        space["diffusion.beta_max"] = ["uniform", 5.0, 20.0]
-    elif d.variance == "geometric":  # variances beta_min … beta_max, which must stay below 1
-        space["diffusion.beta_min"] = ["loguniform", d.beta_min / 10, min(d.beta_min * 10, 0.01)]
-        space["diffusion.beta_max"] = ["choice", 0.99, 0.999, 0.9999]
-    return space
+    return {**space, **schedule_space(cfg.diffusion)}
+
+
+def schedule_space(d) -> dict:
+    """The β schedule's entries for diffusion config `d`, by d.variance."""
+    if d.variance == "vp":  # β(t) from beta_min to beta_max (method.md §1.3)
+        return {"diffusion.beta_min": ["loguniform", 0.01, 1.0], "diffusion.beta_max": ["uniform", 5.0, 20.0]}
+    if d.variance == "geometric":  # variances beta_min … beta_max, which must stay below 1
+        return {"diffusion.beta_min": ["loguniform", d.beta_min / 10, min(d.beta_min * 10, 0.01)],
+                "diffusion.beta_max": ["choice", 0.99, 0.999, 0.9999]}
+    if d.variance == "explicit":  # the listed var(t_0) … var(t_T): its inner ones scaled, both ends kept
+        return {"diffusion.variances": ["choice", *scaled_variances(list(d.variances))]}
+    raise BadInput(f"the default search space has no β schedule for diffusion.variance={d.variance!r}: "
+                   "name the keys to sweep with --param or --space")
+
+
+def scaled_variances(variances: list[float]) -> list[list[float]]:
+    """CONFIG's explicit variances with the inner ones (all but var(t_0), which sets the noise of the last step,
+    and var(t_T), the prior's) multiplied by each of VARIANCE_SCALES where the list stays increasing inside (0, 1):
+    the schedule moves earlier or later while both ends stay where CONFIG put them."""
+    out = []
+    for c in VARIANCE_SCALES:
+        v = [variances[0], *(float(f"{c * x:.6g}") for x in variances[1:-1]), variances[-1]]
+        if all(0 < a < b < 1 for a, b in zip(v, v[1:])) or c == 1.0:
+            out.append(v)
+    return out
+
+
+def space_lines(space: dict) -> list[str]:
+    """The space as sweep.py prints it before it starts: one line per key, `key  kind  values`."""
+    width = max((len(k) for k in space), default=0)
+    lines = []
+    for key, spec in sorted(space.items()):
+        if isinstance(spec, list) and spec and spec[0] in KINDS:
+            lines.append(f"  {key:<{width}}  {spec[0]}  {', '.join(map(str, spec[1:]))}")
+        else:
+            lines.append(f"  {key:<{width}}  fixed  {spec}")
+    return lines
 
 
 def tune_domains(space: dict) -> dict:
