@@ -77,12 +77,12 @@ def usage_error(prog: str, err: Exception) -> int:
 # ---------------------------------------------------------------------------------------------- places
 
 def checkout_root() -> Path:
-    """The ddaebm checkout: $DDAEBM_ROOT, else the folder above the installed (editable) ddaebm package."""
+    """The ddaebm checkout: $DDAEBM_ROOT, else the one this module's cluster/ folder belongs to, which is the
+    script's own checkout (or, after `ray submit` uploaded the script alone, the checkout of the installed ddaebm,
+    where the script found this module). Never another checkout that happens to hold the installed package."""
     if os.environ.get("DDAEBM_ROOT"):
         return Path(os.environ["DDAEBM_ROOT"]).resolve()
-    import ddaebm
-
-    return Path(ddaebm.__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[1]
 
 
 def resolve_config(path: str) -> Path:
@@ -125,6 +125,22 @@ def start_ray(local: bool, num_cpus: int | None = None, num_gpus: int | None = N
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
 
 
+def check_cluster_fits(cpus: float, gpus: float, what: str) -> None:
+    """Refuse (BadInput) a request the Ray cluster cannot hold at all: it would wait for ever (Tune only warns,
+    Ray Train retries its worker group's start-up). The resources Ray knows now: an autoscaling cluster must
+    have its worker nodes up (min_workers)."""
+    import ray
+
+    have = ray.cluster_resources()
+    short = [f"{need:g} {kind}" for kind, need in (("CPU", cpus), ("GPU", gpus)) if need > have.get(kind, 0) + 1e-9]
+    if short:
+        from ddaebm.errors import BadInput
+
+        raise BadInput(f"{what} needs {' and '.join(short)} (--workers x --cpus-per-worker/--gpus-per-worker), the "
+                       f"Ray cluster has {have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU: lower them, or "
+                       "start more (or larger) nodes")
+
+
 def ship_by_value() -> None:
     """Register every imported module of this folder with cloudpickle by value: a Ray worker's sys.path lacks
     cluster/, so it must get their code with the function it runs rather than import them by name."""
@@ -137,10 +153,15 @@ def ship_by_value() -> None:
             cloudpickle.register_pickle_by_value(module)
 
 
+START_TRIES = 5  # Ray Train worker-group start-ups (60 s each, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) before failing
+
+
 def torch_trainer(loop: Callable, loop_config: dict, shape: WorkerShape, timeout_s: float, name: str,
                   storage: str, callbacks: tuple = ()):
     """A Ray Train TorchTrainer running `loop(loop_config)` on `shape.workers` workers; the same name and
-    storage on a retry hand the workers the run's last registered checkpoint."""
+    storage on a retry hand the workers the run's last registered checkpoint. A worker group that cannot start
+    (its resources never free up) fails the job after START_TRIES tries instead of retrying for ever (Ray's
+    default controller_failure_limit)."""
     from ray import train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -151,7 +172,8 @@ def torch_trainer(loop: Callable, loop_config: dict, shape: WorkerShape, timeout
                                            resources_per_worker={"CPU": shape.cpus_per_worker, "GPU": gpus}),
         torch_config=TorchConfig(timeout_s=timeout_s),
         run_config=train.RunConfig(name=name, storage_path=str(storage), callbacks=list(callbacks),
-                                   failure_config=train.FailureConfig(max_failures=shape.max_failures)))
+                                   failure_config=train.FailureConfig(max_failures=shape.max_failures,
+                                                                      controller_failure_limit=START_TRIES)))
 
 
 def ray_rank_setup(backend: str):

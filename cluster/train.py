@@ -106,6 +106,12 @@ def main(argv=None) -> int:
     except BadInput as err:
         return common.usage_error("train", err)
     common.start_ray(args.local, args.num_cpus)
+    shape = common.WorkerShape.of(args)
+    try:
+        common.check_cluster_fits(shape.workers * shape.cpus_per_worker, shape.workers * shape.gpus_per_worker,
+                                  "the job")
+    except BadInput as err:
+        return common.usage_error("train", err)
     trainer = common.torch_trainer(worker_loop, job, common.WorkerShape.of(args), cfg.dist.timeout_s, name="ray",
                                    storage=job["run_dir"])
     try:
