@@ -5,8 +5,9 @@
     ray submit cluster/cluster.yaml cluster/sweep.py -- CONFIG [options] [key=value ...]    on the Ray cluster
 
 Every trial trains CONFIG + the fixed key=value overrides + its own values of the swept keys (loss.iw_alpha,
-loss.iw_beta, loss.r1_gamma, diffusion.beta_min, diffusion.beta_max, diffusion.grid; --space changes the set)
-for --steps steps, in slices of --report-every steps. After each slice it checkpoints (ddaebm's checkpoint,
+loss.iw_beta, loss.r1_gamma, diffusion.grid and the β schedule of CONFIG's diffusion.variance: beta_min and
+beta_max, or the explicit variances; --space/--param change the set; the plan is printed before the start, and
+--dry-run prints it alone) for --steps steps, in slices of --report-every steps. After each slice it checkpoints (ddaebm's checkpoint,
 handed to Tune, which copies it to --storage) and reports the metric, so ASHA can stop it at a rung and a trial
 whose process dies restarts from its last report (FailureConfig). Running the same command again resumes an
 interrupted sweep (Tuner.restore). At the end the best trial's config (the lowest metric among the trials that
@@ -18,17 +19,21 @@ images: fid (ddaebm/metrics/fid.py, --eval-num samples against cached reference 
 split) or l_rec (the mean reconstruction loss of the slice's log rows: cheap, but a training loss, not a sample
 quality). A trial that stops on non-finite losses reports inf.
 
---workers N > 1 trains each trial on N Ray Train workers (TorchTrainer) with dist.backend=deepspeed.
+--workers N > 1 trains each trial on N ranks with dist.backend=deepspeed: Ray actors in the trial's own placement
+group, which Tune reserves with the trial and removes when it ends or is stopped (sweep_ranks.py).
+SIGINT, SIGTERM and SIGHUP end the sweep gracefully within GRACE_S seconds, exit status 130 (StopSignals).
 Run directories of the trials: <storage>/<name>/runs/<trial id> (ddaebm layout: stats.jsonl, checkpoints, plots).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,12 +45,13 @@ if not (CLUSTER / "ray_common.py").is_file():  # `ray submit` ran this file alon
     CLUSTER = Path(os.environ.get("DDAEBM_ROOT") or Path(ddaebm.__file__).resolve().parents[1]) / "cluster"
 sys.path.insert(0, str(CLUSTER))
 import ray_common as common  # noqa: E402
-from sweep_space import example_point, param_overrides, read_space, tune_domains  # noqa: E402
-from sweep_trial import METRICS, TOY_METRICS, SweepSetup, run_trial, run_trial_on_workers  # noqa: E402
+from sweep_space import example_point, param_overrides, read_space, space_lines, tune_domains  # noqa: E402
+from sweep_ranks import DRIVER_CPU, run_trial_on_workers, trial_cpus, trial_resources  # noqa: E402
+from sweep_trial import METRICS, TOY_METRICS, SweepSetup, run_trial  # noqa: E402
 
 from ddaebm.errors import BadInput  # noqa: E402
 
-DRIVER_CPU = 0.01  # logical CPU of a trial that drives Ray Train workers
+GRACE_S = 60  # after a stop signal: Tune's last save and the trials' stop, before the driver leaves regardless
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -74,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the random search")
     p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: as resources allow)")
     p.add_argument("--best-out", help="best config YAML (default <storage>/<name>/best.yaml)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (search space, budget, resources, storage) and exit without starting Ray")
     common.add_ray_options(p, ">1: Ray Train workers per trial, dist.backend=deepspeed", max_failures=1,
                            failures_help="restarts of a trial whose process died")
     return common.parse_with_overrides(p, argv)
@@ -94,12 +102,19 @@ def make_setup(args, overrides: list[str]) -> tuple[SweepSetup, dict]:
                        report_every=args.report_every or max(1, steps // 8),
                        metric=sweep_metric(args.metric, is_toy(cfg)), eval_num=args.eval_num,
                        final_eval=args.final_eval, shape=shape, name=name,
-                       storage=Path(args.storage or common.default_run_root() / "sweeps").resolve(),
+                       storage=Path(args.storage or default_storage()).resolve(),
                        crash_once_at=args.crash_once_at)
     common.check_workers(setup.trial_config(example_point(space), name), shape)  # the swept keys exist, too
     if args.local:
         check_local_cpus(shape, args.num_cpus or os.cpu_count())
     return setup, space
+
+
+def default_storage() -> Path:
+    """$DDAEBM_RUN_ROOT/sweeps (cluster.yaml sets it to the nodes' shared storage), else runs/sweeps in the current
+    folder, as `ddaebm train` puts runs/<name> there: never inside some other checkout."""
+    root = os.environ.get("DDAEBM_RUN_ROOT")
+    return Path(root) / "sweeps" if root else Path("runs") / "sweeps"
 
 
 def sweep_metric(asked: str, toy: bool) -> str:
@@ -118,22 +133,35 @@ def sweep_metric(asked: str, toy: bool) -> str:
 
 def check_local_cpus(shape: common.WorkerShape, have: int) -> None:
     """A private Ray that cannot place one trial would wait for ever: refuse it instead."""
-    need = shape.workers * shape.cpus_per_worker + (DRIVER_CPU if shape.workers > 1 else 0)
+    need = trial_cpus(shape)
     if need > have:
         raise BadInput(f"one trial needs {need:g} logical CPUs (--workers x --cpus-per-worker), Ray here has "
                        f"{have}: raise --num-cpus (logical) or lower --cpus-per-worker")
 
 
+def plan_lines(args, setup: SweepSetup, space: dict) -> str:
+    """What the sweep will do, printed before Ray starts: the space, the budget, a trial's resources, the storage."""
+    shape = setup.shape
+    rank = f"{shape.cpus_per_worker:g} CPU" + (f" + {shape.gpus_per_worker:g} GPU" if shape.gpus_per_worker else "")
+    holds = (f"{shape.workers} ranks of {rank} + {DRIVER_CPU} CPU for the trial itself" if shape.workers > 1
+             else rank)
+    return "\n".join([f"sweep {setup.name}: {setup.config} ({setup.metric}, minimised), {args.samples} sample(s), "
+                      f"{setup.steps} steps per trial in slices of {setup.report_every}, ASHA",
+                      "search space:", *space_lines(space),
+                      f"each trial holds {holds}; at most {args.max_concurrent or 'as many as fit'} at once",
+                      f"storage: {setup.experiment}"])
+
+
 # ---------------------------------------------------------------------------------------------- Tune
 
 def trainable(setup: SweepSetup):
-    """The trial function with its setup and resources: on its own (CPUs/GPUs of one worker), or driving
-    Ray Train workers, which hold the CPUs/GPUs while the trial holds almost nothing (Ray refuses 0)."""
+    """The trial function with its setup and resources: on its own (CPUs/GPUs of one worker), or driving its
+    ranks, whose bundles Tune reserves with the trial (sweep_ranks.py says why)."""
     from ray import tune
 
     shape = setup.shape
     if shape.workers > 1:
-        return tune.with_resources(tune.with_parameters(run_trial_on_workers, setup=setup), {"cpu": DRIVER_CPU})
+        return tune.with_resources(tune.with_parameters(run_trial_on_workers, setup=setup), trial_resources(shape))
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                {"cpu": shape.cpus_per_worker, "gpu": shape.gpus_per_worker})
 
@@ -161,21 +189,97 @@ def build_tuner(args, setup: SweepSetup, space: dict):
     return tuner, False
 
 
-def fit(tuner):
-    """tuner.fit(), and whether it was interrupted. Tune ends a sweep gracefully on SIGINT (or SIGUSR1), saving its
-    state, and then puts back the SIGINT handler it found: that is how an interruption shows. SIGTERM (a batch
-    scheduler's stop) is turned into SIGINT so that it ends the same way."""
-    def _sentinel(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, _sentinel)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
-    try:
+def fit(tuner, setup: SweepSetup):
+    """tuner.fit(), and whether it was interrupted (see StopSignals)."""
+    with StopSignals(setup.experiment / "driver.log") as signals:
         results = tuner.fit()
-        return results, signal.getsignal(signal.SIGINT) is _sentinel
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return results, signals.interrupted()
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP end a sweep gracefully, within GRACE_S seconds, with exit status 130.
+
+    Tune's own SIGINT (and SIGUSR1) handler sets its stop flag, and Tune then saves its state and stops the
+    trials (which removes their placement groups, ranks included); the handler puts back the one it found, ours:
+    that is how an interruption shows, here and to a watchdog thread. SIGTERM (a batch scheduler's stop) and
+    SIGHUP (the terminal or the ssh connection of `ray submit` gone) are turned into SIGINT; after SIGHUP the
+    driver's output goes to `log`, since writing to a closed terminal would fail. A second signal, or a graceful
+    stop that has not ended GRACE_S seconds after the first signal, ends the driver at once (Ray shut down, exit
+    130): the trials then resume from their last checkpoints, as after a crash.
+    """
+
+    def __init__(self, log: Path):
+        self.log, self.done, self.previous = log, threading.Event(), {}
+
+    def __enter__(self):
+        handlers = {signal.SIGINT: self.again, signal.SIGTERM: self.relay, signal.SIGHUP: self.relay}
+        self.previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+        threading.Thread(target=self.watch, name="sweep-stop-watchdog", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def interrupted(self) -> bool:
+        return signal.getsignal(signal.SIGINT) == self.again
+
+    def again(self, signum, frame):
+        """SIGINT while ours is the handler: before Tune took over, or after its handler ran once."""
+        leave_now(f"{signal.Signals(signum).name} while stopping")
+
+    def relay(self, signum, frame):
+        if signum == signal.SIGHUP:
+            redirect_output(self.log)
+        common.log(f"{signal.Signals(signum).name}: stopping the sweep as on SIGINT")
+        if self.interrupted():
+            leave_now(f"{signal.Signals(signum).name} while stopping")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def watch(self):
+        """Wait until Tune has taken SIGINT over, then until it has handed it back (a stop signal came): from
+        then on the sweep has GRACE_S seconds to end."""
+        while self.interrupted():  # ours, until tuner.fit() installs Tune's
+            if self.done.wait(0.2):
+                return
+        while not self.interrupted():
+            if self.done.wait(0.2):
+                return
+        common.log(f"stop signal: Tune saves its state and stops the trials (at most {GRACE_S} s)")
+        if not self.done.wait(GRACE_S):
+            leave_now(f"the sweep did not stop within {GRACE_S} s")
+
+
+def leave_now(reason: str) -> None:
+    """End the driver at once: Ray shut down (a local Ray's processes with it; on a cluster, this job's actors),
+    exit status 130. Tune's state is the one it saved last; trials resume from their last checkpoints."""
+    print(f"sweep: {reason}: leaving now; run the same command again to resume the sweep", file=sys.stderr,
+          flush=True)
+
+    def shutdown():
+        import ray
+
+        ray.shutdown()
+
+    t = threading.Thread(target=shutdown, daemon=True)
+    t.start()
+    t.join(20)
+    os._exit(130)
+
+
+def redirect_output(log: Path) -> None:
+    """Send this process's stdout and stderr (and what Ray relays from its workers) to `log`, appended."""
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------- the outcome
@@ -234,21 +338,33 @@ def trial_lines(trials: list[dict], setup: SweepSetup) -> list[str]:
 
 
 def write_outcome(args, results, trials: list[dict], setup: SweepSetup, resumed: bool, t0: float) -> int:
-    """best.yaml, summary.json and the table; EXIT_FAILED when no trial reported a metric."""
-    if not [t for t in trials if t[setup.metric] is not None and t["error"] is None]:
-        print("sweep: error: no trial reported a metric", file=sys.stderr)
-        return common.EXIT_FAILED
-    best = best_result(results, setup)
+    """summary.json, the table, the failed trials' reasons and best.yaml; EXIT_FAILED when no trial reported a
+    metric."""
+    ok = [t for t in trials if t[setup.metric] is not None and t["error"] is None]
+    best = best_result(results, setup) if ok else None
     out = Path(args.best_out or setup.experiment / "best.yaml")
-    out.write_text(best_yaml(best, setup))
     summary = {"name": setup.name, "metric": setup.metric, "steps": setup.steps, "resumed": resumed,
-               "wall_s": round(time.time() - t0, 1), "best": best.metrics["trial_id"], "best_yaml": str(out),
-               "trials": trials}
+               "wall_s": round(time.time() - t0, 1), "best": best.metrics["trial_id"] if best else None,
+               "best_yaml": str(out) if best else None, "trials": trials}
     (setup.experiment / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print("\n".join(trial_lines(trials, setup)))
+    failed = [t for t in trials if t["error"]]
+    for t in failed:
+        print(f"failed: {t['trial_id']} after {setup.shape.max_failures + 1} attempt(s) (--max-failures "
+              f"{setup.shape.max_failures}): {error_reason(t['error'])}")
+    if best is None:
+        print(f"sweep: error: no trial reported a metric ({summary['wall_s']} s)", file=sys.stderr)
+        return common.EXIT_FAILED
+    out.write_text(best_yaml(best, setup))
     print(f"best: {best.metrics['trial_id']} {setup.metric}={best.metrics[setup.metric]:.6g}; "
           f"config written to {out} ({summary['wall_s']} s)")
     return 0
+
+
+def error_reason(text: str) -> str:
+    """The line of a trial's error that says why: the last non-empty one of Ray's traceback."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
 
 
 def main(argv=None) -> int:
@@ -258,10 +374,18 @@ def main(argv=None) -> int:
     except BadInput as err:
         return common.usage_error("sweep", err)
     t0 = time.time()
+    print(plan_lines(args, setup, space), flush=True)
+    if args.dry_run:
+        return 0
     common.start_ray(args.local, args.num_cpus)
+    try:
+        common.check_cluster_fits(trial_cpus(setup.shape), setup.shape.workers * setup.shape.gpus_per_worker,
+                                  "one trial")
+    except BadInput as err:
+        return common.usage_error("sweep", err)
     setup.experiment.mkdir(parents=True, exist_ok=True)
     tuner, resumed = build_tuner(args, setup, space)
-    results, interrupted = fit(tuner)
+    results, interrupted = fit(tuner, setup)
     trials = summarize(results, setup, not interrupted)
     if interrupted:
         print(f"sweep: interrupted; Tune saved its state in {setup.experiment}: run the same command again to "

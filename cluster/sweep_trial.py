@@ -1,20 +1,19 @@
 """One trial of cluster/sweep.py: its config, training in slices with a checkpoint and a report after each, the
 sweep metric of the model, and the restore from the checkpoint Tune hands back after a failure.
 
-`SweepSetup` is what the driver decides once and every trial reads. The Tune trainables `run_trial` (the trial
-trains in its own process) and `run_trial_on_workers` (it drives a Ray Train job whose workers run
-`worker_loop`) share the body `train_trial`. This module travels to Ray's workers by value (ray_common.start_ray).
+`SweepSetup` is what the driver decides once and every trial reads. `TrialRun` is one rank's part of a trial
+(restore, then a slice per call). `run_trial` is the Tune trainable of a trial that trains in its own process;
+sweep_ranks.py runs a trial on several ranks. This module
+travels to Ray's workers by value (ray_common.start_ray).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import ray_common as common
 from sweep_space import param_overrides
@@ -136,18 +135,16 @@ def restore_state(cfg, run_dir: Path, checkpoint_dir: str | None, lead: bool = T
 
 
 def rewind(run_dir: Path, step: int) -> None:
-    """Forget what a run dir holds past `step` (checkpoints, stats rows): a trial restored from step's checkpoint
-    redoes those steps, and must neither resume from nor log twice what the killed attempt left behind."""
+    """Forget the checkpoints a run dir holds past `step`: a trial restored from step's checkpoint (the one Tune
+    kept, which may be older than the run dir's newest) redoes those steps and must not resume from what the
+    killed attempt left behind. Its stats.jsonl rows past `step` are dropped by ddaebm's Monitor when the
+    restored run starts (as on every resume), so no step is logged twice."""
     from ddaebm.checkpoint import POINTER, checkpoint_root, complete_checkpoints
 
     for ckpt in complete_checkpoints(run_dir):
         if int(ckpt.name.split("-")[1]) > step:
             shutil.rmtree(ckpt, ignore_errors=True)
     (checkpoint_root(run_dir) / POINTER).unlink(missing_ok=True)  # falls back to the newest complete one
-    stats = run_dir / "stats.jsonl"
-    if stats.is_file():
-        rows = [row for row in stats.read_text().splitlines() if json.loads(row)["step"] <= step]
-        stats.write_text("".join(row + "\n" for row in rows))
 
 
 def current_checkpoint(run_dir: Path, step: int) -> Path | None:
@@ -158,50 +155,50 @@ def current_checkpoint(run_dir: Path, step: int) -> Path | None:
     return latest if latest is not None and latest.name == f"step-{step:09d}" else None
 
 
-def train_in_slices(cfg, run_dir: Path, state: dict | None, rank: int, world: int, every: int,
-                    on_slice: Callable) -> None:
-    """Train to cfg.train.steps in slices of `every` steps, each ending with a checkpoint; after each slice
-    `on_slice(model, start_step, done)` reports. NonFiniteStop propagates."""
-    from ddaebm.training.loop import train
-
-    trainer, start = None, state["step"] if state else 0
-    while True:
-        trainer = train(cfg, run_dir, state if trainer is None else None, rank, world, trainer=trainer,
-                        slice_steps=every)
-        done = trainer.step >= cfg.train.steps
-        on_slice(trainer.model, start, done)
-        if done:
-            return
-        start = trainer.step
-
-
 # ---------------------------------------------------------------------------------------------- the trial
 
-def train_trial(setup: SweepSetup, params: dict, trial_id: str, rank: int, world: int, checkpoint,
-                report: Callable) -> None:
-    """The body shared by one-process and Ray Train trials: restore, train in slices, report after each."""
-    from ddaebm.training.preemption import NonFiniteStop
+class TrialRun:
+    """One rank's part of a trial: the run dir restored to the checkpoint Tune handed back (or started afresh),
+    then trained a slice of `setup.report_every` steps per `next_slice()`, each ending with a checkpoint, the
+    metric and a report row. Every rank of a multi-worker trial holds one and calls `next_slice()` in step."""
 
-    cfg = setup.trial_config(params, trial_id)
-    run_dir = setup.run_dir(trial_id)
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ckpt_dir:
-        state = restore_state(cfg, run_dir, ckpt_dir, lead=rank == 0)
-        resumed_from = state["step"] if state else 0
+    def __init__(self, setup: SweepSetup, params: dict, trial_id: str, rank: int = 0, world: int = 1,
+                 checkpoint=None):
+        from ddaebm.training.loop import build_trainer
 
-        def on_slice(model, start, done):
-            row = measure(model, run_dir, start, setup)
-            if done and rank == 0 and setup.final_eval and setup.metric in TOY_METRICS:
-                row.update(final_toy_scores(model, run_dir))
-            crash_once(setup, model.step)
-            report({**row, "step": model.step, "resumed_from": resumed_from, "finished": int(done)},
-                   current_checkpoint(run_dir, model.step))
+        self.setup, self.trial_id, self.rank, self.world = setup, trial_id, rank, world
+        self.cfg = setup.trial_config(params, trial_id)
+        self.run_dir = setup.run_dir(trial_id)
+        # The checkpoint folder is only needed until the engines are loaded (a remote one is a local copy).
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ckpt_dir:
+            self.state = restore_state(self.cfg, self.run_dir, ckpt_dir, lead=rank == 0)
+            self.trainer = build_trainer(self.cfg, self.state, rank, world) if self.state else None
+        self.resumed_from = self.state["step"] if self.state else 0
+        self.done = False
 
+    def next_slice(self) -> tuple[dict, Path | None]:
+        """Train the next slice; (the report row, the checkpoint to hand to Tune). Rank 0's row is the trial's."""
+        from ddaebm.training.loop import train
+        from ddaebm.training.preemption import NonFiniteStop
+
+        start = self.trainer.step if self.trainer else 0
         try:
-            train_in_slices(cfg, run_dir, state, rank, world, setup.report_every, on_slice)
+            self.trainer = train(self.cfg, self.run_dir, self.state, self.rank, self.world, trainer=self.trainer,
+                                 slice_steps=self.setup.report_every)
         except NonFiniteStop as err:
-            common.log(f"trial {trial_id}: {err}")
-            report({setup.metric: math.inf, "step": setup.steps, "resumed_from": resumed_from, "finished": 1,
-                    "nonfinite": 1}, None)
+            common.log(f"trial {self.trial_id}: {err}")
+            self.done = True
+            return {self.setup.metric: math.inf, "step": self.setup.steps, "resumed_from": self.resumed_from,
+                    "finished": 1, "nonfinite": 1}, None
+        self.state = None  # loaded by the first slice; the trainer carries on from here
+        model, setup = self.trainer.model, self.setup
+        self.done = model.step >= self.cfg.train.steps
+        row = measure(model, self.run_dir, start, setup)
+        if self.done and self.rank == 0 and setup.final_eval and setup.metric in TOY_METRICS:
+            row.update(final_toy_scores(model, self.run_dir))
+        crash_once(setup, model.step)
+        row.update(step=model.step, resumed_from=self.resumed_from, finished=int(self.done))
+        return row, current_checkpoint(self.run_dir, model.step)
 
 
 def crash_once(setup: SweepSetup, step: int) -> None:
@@ -216,33 +213,7 @@ def run_trial(params: dict, setup: SweepSetup) -> None:
     """A Tune function trainable: the trial trains in this process (dist.backend from CONFIG, one rank)."""
     from ray import tune
 
-    def report(metrics, ckpt):
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt else None)
-
-    train_trial(setup, params, tune.get_context().get_trial_id(), 0, 1, tune.get_checkpoint(), report)
-
-
-def run_trial_on_workers(params: dict, setup: SweepSetup) -> None:
-    """A Tune function trainable that trains the trial on setup.shape.workers Ray Train workers (DeepSpeed),
-    reporting to Tune through TuneReportCallback."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    trial_id = tune.get_context().get_trial_id()
-    loop_config = {"params": params, "setup": setup, "trial_id": trial_id}
-    common.torch_trainer(worker_loop, loop_config, setup.shape, timeout_s=600, name=f"{setup.name}-{trial_id}",
-                         storage=setup.storage, callbacks=(TuneReportCallback(),)).fit()
-
-
-def worker_loop(config: dict) -> None:
-    """Every Ray Train worker of a trial: the shared body on Ray's process group, rank 0 handing in checkpoints."""
-    import ray.train
-
-    env = common.ray_rank_setup("deepspeed")
-
-    def report(metrics, ckpt):
-        ckpt = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt and env.rank == 0 else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step-{metrics['step']:09d}")
-
-    train_trial(config["setup"], config["params"], config["trial_id"], env.rank, env.world,
-                ray.train.get_checkpoint(), report)
+    run = TrialRun(setup, params, tune.get_context().get_trial_id(), checkpoint=tune.get_checkpoint())
+    while not run.done:
+        row, ckpt = run.next_slice()
+        tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt else None)

@@ -8,6 +8,7 @@ other Ray instances on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,17 +39,56 @@ def _env(**extra) -> dict:
     return env | extra
 
 
-def _run(args: list[str], timeout: float, **env) -> subprocess.CompletedProcess:
-    """A driver in its own process group, killed with everything it started when it overruns `timeout`."""
-    with subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as p:
+def _start(args: list, cwd: Path = ROOT, **env) -> subprocess.Popen:
+    """A driver in its own session (its sid is its pid, and every process it starts, Ray's included, keeps it)."""
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _run(args: list, timeout: float, cwd: Path = ROOT, **env) -> subprocess.CompletedProcess:
+    """A driver run to its end, killed with everything it started when it overruns `timeout`; and checked to
+    leave no process of its own behind (Ray's included)."""
+    with _start(args, cwd, **env) as p:
         try:
             out, _ = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             out, _ = p.communicate()
             raise AssertionError(f"{args[0]} overran {timeout} s:\n{out[-4000:]}") from None
+    _no_processes_left(p.pid, out)
     return subprocess.CompletedProcess(args, p.returncode, out, "")
+
+
+def _session(sid: int) -> list[str]:
+    """The processes still running in session `sid` (a driver's, see _start): pid and name."""
+    left = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state, ppid, pgrp, session
+            left.append(f"{stat.parent.name} {name}")
+    return left
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` at once, as a node failure would."""
+    for entry in _session(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(entry.split()[0]), signal.SIGKILL)
+
+
+def _no_processes_left(sid: int, out: str, within: float = 15) -> None:
+    """Nothing the driver started outlives it by more than `within` seconds (Ray's workers end a moment after
+    their raylet); what does is killed, and the test fails naming it."""
+    try:
+        wait_until(lambda: not _session(sid), within, "the driver's processes to end", poll=0.2)
+    except AssertionError:
+        left = _session(sid)
+        _kill_session(sid)
+        raise AssertionError(f"processes of the driver left behind: {left}\n{out[-3000:]}") from None
 
 
 def _ok(r: subprocess.CompletedProcess) -> None:
@@ -102,54 +142,74 @@ def test_sweep_asha_crash_restore_best_yaml(tmp_path):
           f"{sum(t['early_stopped'] for t in trials.values())}, best {s['best']} mmd2 {best_trial['mmd2']:.4g}")
 
 
+def test_two_worker_sweep_finishes_with_a_killed_rank(tmp_path):
+    """Issue 22's reproduction: 3 trials of 2 DeepSpeed ranks, one at a time, on a private Ray of 5 CPUs (it hung
+    after the first trials: each stopped one kept its workers' CPUs). A rank of the first trial is SIGKILLed at
+    step 100, before its report; the trial restarts from its step-50 checkpoint and finishes. Every trial ends,
+    and the driver leaves no process behind."""
+    from ddaebm.config import load_config
+
+    t0 = time.time()
+    r = _run([SWEEP, "--local", TOY, "--name", "W3", "--storage", tmp_path, "--samples", "1", "--steps", "100",
+              "--report-every", "50", "--workers", "2", "--num-cpus", "5", "--max-concurrent", "1",
+              "--param", "loss.r1_gamma=grid:0.002,0.02,0.2", "--eval-num", "500", "--crash-once-at", "100",
+              "model.hidden=32"], 420)
+    wall = time.time() - t0
+    _ok(r)
+    s = _summary(tmp_path, "W3")
+    trials = s["trials"]
+    assert len(trials) == 3 and all(t["error"] is None for t in trials), s
+    assert "--crash-once-at 100: killing this trial process" in r.stdout
+    assert "failed during a training slice" in r.stdout  # the trial's reason, then Tune's restart
+    (crashed,) = [t for t in trials if t["resumed_from"]]
+    assert crashed["resumed_from"] == 50 and crashed["step"] == 100, s
+    run_dir = tmp_path / "W3" / "runs" / crashed["trial_id"]
+    assert "on 2 ranks" in r.stdout and (run_dir / "checkpoints" / "step-000000100" / "engines" / "energy").is_dir()
+    steps = _steps(run_dir)
+    assert steps == sorted(set(steps)) and steps[-1] == 100, steps  # one row per logged step
+    cfg = load_config(tmp_path / "W3" / "best.yaml")
+    assert cfg.dist.backend == "deepspeed"
+    print(f"\n2-worker sweep (3 trials, one rank killed): wall {wall:.1f} s (Tune {s['wall_s']} s)")
+
+
 def test_interrupted_sweep_resumes_with_tuner_restore(tmp_path):
-    """SIGINT mid-sweep: Tune saves its state (exit 130); the same command again resumes it (Tuner.restore)."""
-    args = _sweep_args(tmp_path, "int", "--steps", "300", "--report-every", "50",
-                       "--param", "loss.r1_gamma=grid:0.002,0.02")
-    p = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    """SIGTERM to a 2-worker sweep mid-trial: Tune saves its state and the driver leaves with 130 within GRACE_S,
+    no process of its own behind; the same command again resumes it (Tuner.restore) to the end. Run from tmp_path
+    without --storage: the sweep lives in ./runs/sweeps there, never in a checkout."""
+    args = [SWEEP, "--local", "--num-cpus", "3", TOY, "--name", "int", "--workers", "2", "--samples", "1",
+            "--steps", "200", "--report-every", "50", "--eval-num", "500", "--param", "loss.r1_gamma=grid:0.002,0.02",
+            *TOY_TINY]
+    exp = tmp_path / "runs" / "sweeps" / "int"
+    p = _start(args, tmp_path)
     try:
-        # A checkpoint's folder appears when the trial persists it, before Tune's driver registers it: a SIGINT
+        # A checkpoint's folder appears when the trial persists it, before Tune's driver registers it: a signal
         # right then restored the trial from the one before (once in CI). Wait for the third report's (step 150):
-        # the step-100 one is registered by then, and the trial is still three reports from its end.
-        exp = tmp_path / "int"
+        # the step-100 one is registered by then, and the trial is still a report from its end.
         wait_until(lambda: p.poll() is not None or list(exp.glob("run_trial_*/checkpoint_000002")), 300,
                    "a trial's step-150 checkpoint", poll=0.2)
         assert p.poll() is None, "the sweep ended before it could be interrupted"
-        p.send_signal(signal.SIGINT)
-        out, _ = p.communicate(timeout=120)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=90)
+        stop_s = time.monotonic() - t0
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
     assert p.returncode == 130 and "run the same command again to resume" in out, out[-4000:]
+    assert stop_s < 60, f"the sweep took {stop_s:.1f} s to stop (GRACE_S is 60)"
+    _no_processes_left(p.pid, out)
+    assert "search space:" in out and f"storage: {exp}" in out  # said before it starts
 
-    r = _run(args, 600)
+    r = _run(args, 600, tmp_path)
     _ok(r)
     assert "resuming the sweep" in r.stdout
-    s = _summary(tmp_path, "int")
+    s = json.loads((exp / "summary.json").read_text())
     assert s["resumed"] and len(s["trials"]) == 2 and all(t["error"] is None for t in s["trials"]), s
     first = next(t for t in s["trials"] if t["config"]["loss.r1_gamma"] == 0.002)
-    assert first["resumed_from"] >= 100 and first["step"] == 300, s  # continued from its checkpoint
-    assert _steps(tmp_path / "int" / "runs" / first["trial_id"]) == [50, 100, 150, 200, 250, 300]
-
-
-def test_sweep_trials_on_deepspeed_workers(tmp_path):
-    """--workers 2: each trial is a Ray Train TorchTrainer run on 2 workers with dist.backend=deepspeed."""
-    from ddaebm.config import load_config
-
-    r = _run([SWEEP, "--local", "--num-cpus", "3", TOY, "--storage", tmp_path, "--name", "ds", "--workers", "2",
-              "--samples", "1", "--steps", "40", "--report-every", "20", "--eval-num", "500",
-              "--param", "loss.iw_alpha=grid:0.6",
-              *DS_TINY], 600)
-    _ok(r)
-    s = _summary(tmp_path, "ds")
-    (trial,) = s["trials"]
-    assert trial["error"] is None and trial["step"] == 40 and not trial["early_stopped"], s
-    run_dir = tmp_path / "ds" / "runs" / trial["trial_id"]
-    assert "on 2 ranks" in r.stdout and (run_dir / "checkpoints" / "step-000000040" / "engines" / "energy").is_dir()
-    cfg = load_config(tmp_path / "ds" / "best.yaml")
-    assert cfg.dist.backend == "deepspeed" and cfg.loss.iw_alpha == pytest.approx(0.6)
+    assert first["resumed_from"] >= 100 and first["step"] == 200, s  # continued from its checkpoint
+    assert _steps(exp / "runs" / first["trial_id"]) == [50, 100, 150, 200]
+    print(f"\nSIGTERM to a 2-worker sweep: exit 130 after {stop_s:.1f} s")
 
 
 def test_train_py_continues_a_cli_run_and_survives_a_killed_worker(tmp_path):
@@ -178,6 +238,38 @@ def test_train_py_continues_a_cli_run_and_survives_a_killed_worker(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed at step 60/70" in r.stdout and _steps(run_dir)[-1] == 70
     print(f"\ncluster/train.py: 2 workers, 40 steps with one worker killed and restarted: {ray_s:.1f} s")
+
+
+def test_train_py_logs_every_step_once_after_a_kill_9_between_checkpoints(tmp_path):
+    """cluster/train.py (2 Ray Train workers) SIGKILLed with all its processes past its step-100 checkpoint, with
+    rows of later steps in stats.jsonl; the same command again resumes from step 100, and stats.jsonl ends with one
+    row per logged step (ddaebm's Monitor drops the rows past the step a run resumes from)."""
+    run_root = tmp_path / "runs"
+    run_dir = run_root / "k9"
+    args = [TRAIN, "--local", "--num-cpus", "2", TOY, "--name", "k9", "--workers", "2", "--steps", "200",
+            *DS_TINY, "train.log_every=5", "train.ckpt_every=100"]
+
+    def logged() -> list[int]:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            return _steps(run_dir)
+        return []
+
+    p = _start(args, DDAEBM_RUN_ROOT=str(run_root))
+    try:
+        wait_until(lambda: p.poll() is not None or any(step > 100 for step in logged()), 300, "a row past step 100",
+                   poll=0.05)
+        assert p.poll() is None, "the run ended before it could be killed"
+    finally:
+        _kill_session(p.pid)  # the driver, its local Ray and the workers (each in a process group of its own)
+        out, _ = p.communicate()
+    _no_processes_left(p.pid, out)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000000100"
+    assert max(logged()) > 100, logged()  # rows the next run must not repeat
+
+    r = _run(args, 300, DDAEBM_RUN_ROOT=str(run_root))
+    _ok(r)
+    assert "resuming from step 100" in r.stdout
+    assert _steps(run_dir) == list(range(5, 201, 5))
 
 
 def _space_module():
@@ -213,6 +305,37 @@ def test_param_values_may_be_lists():
         "loss.r1_gamma": ["loguniform", 1e-4, 1e-1]}
     with pytest.raises(BadInput, match="--space: cannot read"):
         space_of.read_space("{loss.r1_gamma: [grid, 1e-4", [], None)
+
+
+@pytest.mark.parametrize("kind, overrides, keys", [
+    ("explicit", [], ["diffusion.variances"]),  # 25gaussians' own schedule
+    ("vp", ["diffusion.variances=null", "diffusion.beta_min=0.1", "diffusion.beta_max=20.0"],
+     ["diffusion.beta_min", "diffusion.beta_max"]),
+    ("geometric", ["diffusion.variances=null", "diffusion.beta_min=1e-4", "diffusion.beta_max=0.9999"],
+     ["diffusion.beta_min", "diffusion.beta_max"]),
+])
+def test_default_space_sweeps_the_schedule_of_every_variance_kind(kind, overrides, keys, tmp_path):
+    """The default space has the β schedule for each diffusion.variance, every value it can draw is a config
+    that builds a schedule, and `sweep.py --dry-run` prints the space before anything starts."""
+    from ddaebm.config import load_config
+    from ddaebm.diffusion.schedule import build_schedule
+
+    space_of = _space_module()
+    overrides = [f"diffusion.variance={kind}", *overrides]
+    space = space_of.default_space(load_config(TOY, overrides))
+    assert all(k in space for k in keys), space
+    for key in keys:
+        kind_, *values = space[key]
+        for value in values:  # a range's two ends, or every choice
+            cfg = load_config(TOY, [*overrides, *space_of.param_overrides({key: value})])
+            build_schedule(cfg.diffusion)
+    if kind == "explicit":
+        lists = space["diffusion.variances"][1:]
+        assert len(lists) >= 3 and load_config(TOY).diffusion.variances in lists  # CONFIG's own list among them
+    r = _run([SWEEP, "--local", TOY, "--storage", tmp_path, "--dry-run", *overrides], 120)
+    _ok(r)
+    assert "search space:" in r.stdout and all(k in r.stdout for k in keys), r.stdout
+    assert not (tmp_path / f"sweep-{load_config(TOY).name}").exists()  # nothing started, nothing written
 
 
 def test_bad_input_fails_before_ray_starts(tmp_path):
