@@ -348,15 +348,18 @@ def test_bad_input_fails_before_ray_starts(tmp_path):
 
 def test_ray_up_submit_down_on_this_machine(tmp_path):
     """The cluster launcher for real: sshd on 127.0.0.1, `ray up cluster/cluster.yaml` (local provider), `ray
-    submit ... cluster/sweep.py`, `ray down` (cluster/ci/ray_up_local.sh; its own PID/net/mount namespaces)."""
+    submit ... cluster/sweep.py`, `ray down` (cluster/ci/ray_up_local.sh; its own PID/net/mount namespaces). A
+    second sweep, 2 ranks per trial, is submitted without a terminal and its `ray submit` gets SIGINT (as Ctrl-C
+    where there is no terminal: "Aborted!", and the ssh session closes): the remote sweep gets SIGHUP from its
+    closed pty, stops gracefully with its output in driver.log, and the same `ray submit` resumes it to the end."""
     if os.geteuid() != 0:
         pytest.skip("needs root (sshd, namespaces)")
     t0 = time.time()
     cmd = ["bash", str(ROOT / "cluster" / "ci" / "ray_up_local.sh"), str(tmp_path), "configs/toy/25gaussians.yaml",
            "--name", "up", "--samples", "1", "--steps", "100", "--report-every", "50", "--max-concurrent", "1",
            "--param", "loss.r1_gamma=grid:0.002,0.02", "--eval-num", "500", *TOY_TINY]
-    with subprocess.Popen(cmd, cwd=ROOT, env=_env(DDAEBM_PYTHON=sys.executable), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as p:
+    with subprocess.Popen(cmd, cwd=ROOT, env=_env(DDAEBM_PYTHON=sys.executable, RAY_UP_INTERRUPT="upint"),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True) as p:
         try:
             out, _ = p.communicate(timeout=900)
         except subprocess.TimeoutExpired:
@@ -366,11 +369,20 @@ def test_ray_up_submit_down_on_this_machine(tmp_path):
     if p.returncode == 3:
         pytest.skip(f"cannot run ray up here: {out.strip()[-300:]}")
     assert p.returncode == 0, out[-6000:]
-    s = _summary(tmp_path / "runs" / "sweeps", "up")
+    sweeps = tmp_path / "runs" / "sweeps"
+    s = _summary(sweeps, "up")
     assert len(s["trials"]) == 2 and all(t["error"] is None for t in s["trials"]), s
-    assert (tmp_path / "runs" / "sweeps" / "up" / "best.yaml").is_file()
+    assert (sweeps / "up" / "best.yaml").is_file()
+    # The interrupted one: SIGHUP on the head node, a graceful stop, then resumed by the same command.
+    assert "Aborted!" in out and "[the remote sweep ended" in out, out[-6000:]
+    log = (sweeps / "upint" / "driver.log").read_text()
+    assert "SIGHUP: stopping the sweep as on SIGINT" in log and "sweep: interrupted" in log, log[-3000:]
+    s = _summary(sweeps, "upint")
+    assert s["resumed"] and len(s["trials"]) == 2 and all(t["error"] is None and t["step"] for t in s["trials"]), s
+    assert any(t["resumed_from"] for t in s["trials"]), s
     assert "No nodes remaining" in out  # ray down
-    print(f"\nray up + ray submit (2-trial sweep) + ray down: {time.time() - t0:.1f} s")
+    print(f"\nray up + ray submit (2-trial sweep) + an interrupted and resumed 2-rank sweep + ray down: "
+          f"{time.time() - t0:.1f} s")
 
 
 def _free_port() -> int:

@@ -104,8 +104,45 @@ EOF
 
 cd "$root"
 run() { echo "\$ $*"; local t0=$SECONDS; "$@"; echo "[$(( SECONDS - t0 )) s]"; }
+
+# RAY_UP_INTERRUPT=NAME: a second sweep NAME (2 ranks of 0.5 CPU per trial), `ray submit` without a terminal;
+# SIGINT to its process group (a Ctrl-C where there is no terminal) once a trial has reported; then the same
+# `ray submit` again, which resumes it to the end.
+interrupt_and_resume() {
+    local name=$1 pid t0 i rc=0
+    shift
+    local args=("$@" --name "$name" --workers 2 --cpus-per-worker 0.5)
+    local exp=$work/runs/sweeps/$name
+    echo "\$ ray submit $work/cluster.yaml cluster/sweep.py -- ${args[*]} </dev/null &   # SIGINT after a report"
+    t0=$SECONDS
+    set -m  # its own process group, as a shell's job
+    timeout 900 ray submit "$work/cluster.yaml" cluster/sweep.py -- "${args[@]}" </dev/null &
+    pid=$!
+    set +m
+    for i in $(seq 1200); do
+        compgen -G "$exp/run_trial_*/checkpoint_000000" >/dev/null && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.5
+    done
+    echo "[$(( SECONDS - t0 )) s] kill -INT -$pid"
+    kill -INT -- "-$pid" 2>/dev/null || true
+    wait "$pid" || rc=$?
+    echo "[ray submit: exit status $rc]"
+    t0=$SECONDS
+    for i in $(seq 240); do pgrep -f "python .*sweep.py .*--name $name" >/dev/null || break; sleep 0.5; done
+    if pgrep -fa "python .*sweep.py .*--name $name" >/dev/null; then
+        echo "ray_up_local: the remote sweep $name is still running $(( SECONDS - t0 )) s later"
+    else
+        echo "[the remote sweep ended $(( SECONDS - t0 )) s after ray submit]"
+    fi
+    echo "--- $exp/driver.log, last lines:"
+    tail -n 4 "$exp/driver.log" 2>/dev/null || echo "(no driver.log)"
+    run timeout 900 ray submit "$work/cluster.yaml" cluster/sweep.py -- "${args[@]}"
+}
+
 run timeout 600 ray up -y "$work/cluster.yaml" --no-config-cache
 run timeout 900 ray submit "$work/cluster.yaml" cluster/sweep.py -- "$@"
+[[ -n ${RAY_UP_INTERRUPT:-} ]] && interrupt_and_resume "$RAY_UP_INTERRUPT" "$@"
 run timeout 120 ray exec "$work/cluster.yaml" 'which python ray; ray status | head -12'
 run timeout 300 ray down -y "$work/cluster.yaml"
 kill "$(cat "$work/ssh/sshd.pid")" 2>/dev/null || true
