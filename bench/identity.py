@@ -6,7 +6,7 @@ the numbers.
 Trains the same fixed-seed runs with REV's `ddaebm` (exported with `git archive`, imported first on PYTHONPATH)
 and with this checkout's, each through the command line in its own process: the default toy config
 (25gaussians, fast path as configured) and the tiny CIFAR-10 config on StackedMNIST shards made from
-../shared/data/mnist-10k (NCSN++ networks, EMA, the PIL loader). Then compares every logged loss (stats.jsonl,
+../shared/data/mnist-10k (or $DDAEBM_SHARED/data/mnist-10k; NCSN++ networks, EMA, the PIL loader). Then compares every logged loss (stats.jsonl,
 one row per step) and every tensor of the final checkpoint (both engines' weights and optimizer state, the
 EMA), bit for bit. Prints one line per run and exits 1 on any difference.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared" / "data" / "mnist-10k"
+MNIST = Path(os.environ.get("DDAEBM_SHARED", ROOT.parent / "shared")) / "data" / "mnist-10k"
 
 
 def export(rev: str, into: Path) -> Path:
