@@ -8,6 +8,8 @@
 # ${DDAEBM_RUN_ROOT:-<checkout>/runs}/<job name>; the default job name is the config's name, so the run lands where
 # `ddaebm train configs/lsun_church128.yaml` and cluster/train.py put it. Give each experiment its own name
 # (sbatch -J NAME). The job requeues itself after its pre-time-limit signal and resumes from its checkpoints.
+# CPU-only nodes or a small machine: the flags to override are in slurm/README.md ("CPU-only nodes and small
+# machines"); slurm/submit.sh [sbatch flags] THIS_SCRIPT ... checks first that the cluster can run the request.
 # How it works, and every knob: slurm/launch.sh and slurm/README.md.
 #SBATCH --job-name=lsun_church128
 #SBATCH --nodes=1

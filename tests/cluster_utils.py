@@ -88,7 +88,9 @@ def job_fields(job: str, env: dict) -> dict[str, str]:
     return fields
 
 
-def sbatch(args: list[str], env: dict, cwd: Path = ROOT) -> str:
-    r = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+def sbatch(args: list[str], env: dict, cwd: Path = ROOT, submit: bool = False) -> str:
+    """The job id of `sbatch --parsable ARGS`, or of `slurm/submit.sh --parsable ARGS` (its pre-flight first)."""
+    cmd = ["bash", str(ROOT / "slurm" / "submit.sh")] if submit else ["sbatch"]
+    r = subprocess.run([*cmd, "--parsable", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]

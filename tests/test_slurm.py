@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster_utils import job_fields, local_slurm, lsun_like_shards, sbatch, wait_until
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("apt-get") is None and shutil.which("sbatch") is None,
                                 reason="neither SLURM nor apt-get to install it")
@@ -27,10 +29,21 @@ pytest.importorskip("deepspeed")
 
 STEPS = 10
 # configs/tiny/lsun_church128.yaml made smaller still: the run stays 128², DDPM++-shaped, with fewer channels.
-TINY = ["dist.backend=deepspeed", f"train.steps={STEPS}", "train.ckpt_every=3", "train.log_every=1",
-        "train.snapshot_every=100000", "model.nf=4", "model.encoder_ngf=4", "model.attn_resolutions=[]"]
-# Fewer resources than the script's header asks for: 1 node, 2 tasks of 1 CPU, no GPU.
-SMALL = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=15"]
+TINY = [f"train.steps={STEPS}", "train.ckpt_every=3", "train.log_every=1", "train.snapshot_every=100000",
+        "model.nf=4", "model.encoder_ngf=4", "model.attn_resolutions=[]"]
+
+
+def readme_small_machine() -> tuple[dict, list[str], str, list[str]]:
+    """slurm/README.md's command for CPU-only nodes and small machines, as the test runs it: (environment,
+    submit.sh's sbatch flags, the job script, its ddaebm arguments without data.root)."""
+    text = (ROOT / "slurm" / "README.md").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith("DDAEBM_CONFIG=configs/tiny/lsun_church128"))
+    words = shlex.split(line.split("#")[0])
+    env = dict(w.split("=", 1) for w in words[:words.index("slurm/submit.sh")])
+    rest = words[words.index("slurm/submit.sh") + 1:]
+    script = next(w for w in rest if w.endswith(".sh"))
+    flags, args = rest[:rest.index(script)], rest[rest.index(script) + 1:]
+    return env, flags, script, [a for a in args if not a.startswith("data.root=")]
 DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
@@ -63,13 +76,17 @@ def _finished(job: str, env: dict, log: Path):
 
 
 def test_sbatch_lsun_church_preempted_requeued_resumed(slurm, tmp_path):
+    """slurm/README.md's command for small machines (tiny config, 2 CPU tasks, no GPU), through submit.sh's
+    pre-flight, preempted, requeued and resumed to the end."""
     shards = lsun_like_shards(tmp_path)
-    env = dict(slurm, DDAEBM_CONFIG="configs/tiny/lsun_church128.yaml", DDAEBM_RUN_ROOT=str(tmp_path / "runs"))
+    readme_env, flags, script, args = readme_small_machine()
+    assert script == "slurm/lsun_church.sh" and "--gpus-per-node=0" in flags, (flags, script)
+    env = dict(slurm, **readme_env, DDAEBM_RUN_ROOT=str(tmp_path / "runs"))
     run_dir, log = tmp_path / "runs" / "ci_church", tmp_path / "ci_church.out"
 
     t_submit = time.time()
-    job = sbatch([*SMALL, "-J", "ci_church", f"--output={log}", "slurm/lsun_church.sh", f"data.root={shards}",
-                  *TINY], env)
+    job = sbatch([*flags, "-J", "ci_church", f"--output={log}", script, f"data.root={shards}", *args, *TINY], env,
+                 submit=True)
     wait_until(lambda: _rows(run_dir) or _finished(job, env, log), 300, "the first training step")
     t_first_step = time.time()
     assert _rows(run_dir), f"job ended before training:\n{log.read_text()[-3000:]}"
@@ -123,8 +140,28 @@ def test_bad_input_fails_without_requeue(slurm, tmp_path):
     """Exit status 2 (an unknown key) ends the job as FAILED 2:0 and is never requeued."""
     env = dict(slurm, DDAEBM_RUN_ROOT=str(tmp_path / "runs"))
     log = tmp_path / "bad.out"
-    job = sbatch([*SMALL, "-J", "ci_bad", f"--output={log}", "slurm/cifar10.sh", "loss.no_such_key=1"], env)
+    job = sbatch([*readme_small_machine()[1], "-J", "ci_bad", f"--output={log}", "slurm/cifar10.sh", "loss.no_such_key=1"], env)
     fields = wait_until(lambda: _finished(job, env, log), 180, "the job to fail")
     text = log.read_text()
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", (fields, text[-3000:])
     assert fields["Restarts"] == "0" and "no_such_key" in text and "requeuing" not in text
+
+
+@pytest.mark.parametrize("flags, reason", [
+    ([], "gres"),  # the header verbatim: 4 GPUs per node, on a node without any
+    (["--gpus-per-node=0"], "node configuration is not available"),  # 4 tasks x 8 CPUs on a 2-CPU node
+])
+def test_submit_refuses_what_this_cluster_cannot_run(slurm, tmp_path, flags, reason):
+    """slurm/submit.sh's pre-flight (`sbatch --test-only`): a request no node here can hold fails at once, in one
+    line naming SLURM's reason and the nodes there are, exit 2, nothing queued; plain sbatch would refuse the
+    first with a terse gres error and leave the second PENDING for ever."""
+    env = dict(slurm, DDAEBM_RUN_ROOT=str(tmp_path / "runs"))
+    queued = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
+    t0 = time.time()
+    r = subprocess.run(["bash", "slurm/submit.sh", *flags, "-J", "ci_refused", "slurm/lsun_church.sh",
+                        "data.root=/nowhere"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r
+    assert reason in r.stderr and "Nodes here: 1 node(s) of" in r.stderr and "--gpus-per-node=0" in r.stderr, r.stderr
+    assert time.time() - t0 < 30
+    now = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
+    assert now == queued and not (tmp_path / "runs").exists()
