@@ -7,12 +7,12 @@
 Every trial trains CONFIG + the fixed key=value overrides + its own values of the swept keys (loss.iw_alpha,
 loss.iw_beta, loss.r1_gamma, diffusion.grid and the β schedule of CONFIG's diffusion.variance: beta_min and
 beta_max, or the explicit variances; --space/--param change the set; the plan is printed before the start, and
---dry-run prints it alone) for --steps steps, in slices of --report-every steps. After each slice it checkpoints (ddaebm's checkpoint,
-handed to Tune, which copies it to --storage) and reports the metric, so ASHA can stop it at a rung and a trial
-whose process dies restarts from its last report (FailureConfig). Running the same command again resumes an
-interrupted sweep (Tuner.restore). At the end the best trial's config (the lowest metric among the trials that
-ran the whole budget) is written as a YAML that `ddaebm train` accepts (with CONFIG's train.steps, not the
-sweep's budget), and summary.json lists every trial.
+--dry-run prints it alone) for --steps steps, in slices of --report-every steps. After each slice it checkpoints
+(ddaebm's checkpoint, handed to Tune, which copies it to --storage) and reports the metric, so ASHA can stop it
+at a rung and a trial whose process dies restarts from its last report (FailureConfig). Running the same command
+again resumes an interrupted sweep (Tuner.restore). At the end the best trial's config (the lowest metric among
+the trials that ran the whole budget) is written as a YAML that `ddaebm train` accepts (with CONFIG's
+train.steps, not the sweep's budget), and summary.json lists every trial, failed ones with their reason.
 
 Metrics (lower is better): toy data: mmd2 (default) or sliced_w1 (ddaebm/metrics/toy.py, on --eval-num samples);
 images: fid (ddaebm/metrics/fid.py, --eval-num samples against cached reference statistics of the training

@@ -3,8 +3,8 @@ sweep metric of the model, and the restore from the checkpoint Tune hands back a
 
 `SweepSetup` is what the driver decides once and every trial reads. `TrialRun` is one rank's part of a trial
 (restore, then a slice per call). `run_trial` is the Tune trainable of a trial that trains in its own process;
-sweep_ranks.py runs a trial on several ranks. This module
-travels to Ray's workers by value (ray_common.start_ray).
+sweep_ranks.py runs a trial on several ranks. This module travels to Ray's workers by value
+(ray_common.start_ray).
 """
 
 from __future__ import annotations

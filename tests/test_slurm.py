@@ -10,9 +10,11 @@ Figures (sbatch → first step, signal → checkpointed exit → restart → fir
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from datetime import datetime
@@ -63,6 +65,20 @@ def _stamp(log: str, pattern: str) -> float:
     m = re.search(r"^\[([^\]]+)\] slurm/launch\.sh: " + pattern, log, re.M)
     assert m, f"no launcher line matching {pattern!r} in the job log:\n{log[-3000:]}"
     return datetime.fromisoformat(m.group(1).replace("Z", "+00:00")).timestamp()
+
+
+def _ranks_of(run_dir: Path) -> list[int]:
+    """The pids of the `ddaebm train` processes training in `run_dir` (the job's ranks, on this one node)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        python = Path(args[0].decode(errors="replace")).name.startswith("python")  # not srun, which names them too
+        if python and b"ddaebm" in args and b"train" in args and str(run_dir).encode() in args:
+            pids.append(int(cmdline.parent.name))
+    return pids
 
 
 def _finished(job: str, env: dict, log: Path):
@@ -140,7 +156,8 @@ def test_bad_input_fails_without_requeue(slurm, tmp_path):
     """Exit status 2 (an unknown key) ends the job as FAILED 2:0 and is never requeued."""
     env = dict(slurm, DDAEBM_RUN_ROOT=str(tmp_path / "runs"))
     log = tmp_path / "bad.out"
-    job = sbatch([*readme_small_machine()[1], "-J", "ci_bad", f"--output={log}", "slurm/cifar10.sh", "loss.no_such_key=1"], env)
+    job = sbatch([*readme_small_machine()[1], "-J", "ci_bad", f"--output={log}", "slurm/cifar10.sh",
+                  "loss.no_such_key=1"], env)
     fields = wait_until(lambda: _finished(job, env, log), 180, "the job to fail")
     text = log.read_text()
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", (fields, text[-3000:])
@@ -165,3 +182,36 @@ def test_submit_refuses_what_this_cluster_cannot_run(slurm, tmp_path, flags, rea
     assert time.time() - t0 < 30
     now = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
     assert now == queued and not (tmp_path / "runs").exists()
+
+
+def test_kill_9_between_checkpoints_then_resubmit_logs_every_step_once(slurm, tmp_path):
+    """kill -9 of the job's ranks past the step-200 checkpoint, with rows of later steps in stats.jsonl: srun ends
+    137, the job fails and is not requeued; the same sbatch again resumes from step 200 and stats.jsonl ends with
+    one row per logged step (ddaebm's Monitor drops the rows past the step a run resumes from). Toy data through
+    slurm/cifar10.sh (DDAEBM_CONFIG), 2 DeepSpeed ranks."""
+    env = dict(slurm, DDAEBM_CONFIG="configs/toy/25gaussians.yaml", DDAEBM_RUN_ROOT=str(tmp_path / "runs"))
+    run_dir = tmp_path / "runs" / "ci_k9"
+    args = [*readme_small_machine()[1], "-J", "ci_k9", f"--output={tmp_path / 'k9.out'}", "slurm/cifar10.sh",
+            "dist.backend=deepspeed", "train.steps=600", "train.log_every=20", "train.ckpt_every=200",
+            "model.hidden=32", "model.gen_norm=none", "data.batch=32", "train.snapshot_every=100000",
+            "train.eval_at_end=false"]
+    log = tmp_path / "k9.out"
+    job = sbatch(args, env)
+    wait_until(lambda: any(r["step"] > 200 for r in _rows(run_dir)) or _finished(job, env, log), 300,
+               "a row past step 200")
+    ranks = _ranks_of(run_dir)
+    assert len(ranks) == 2, ranks
+    for pid in ranks:  # kill -9, both ranks at once: no signal handler, no checkpoint
+        os.kill(pid, signal.SIGKILL)
+    fields = wait_until(lambda: _finished(job, env, log), 120, "the killed job to end")
+    assert fields["JobState"] != "COMPLETED" and fields["Restarts"] == "0", (fields, log.read_text()[-3000:])
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000000200"
+    assert max(r["step"] for r in _rows(run_dir)) > 200  # rows the next job must not repeat
+
+    job = sbatch(args, env)
+    fields = wait_until(lambda: _finished(job, env, log), 300, "the resubmitted job to finish")
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED", (fields, text[-3000:])
+    assert f"resumed at step 200/600 in {run_dir} on 2 ranks" in text
+    assert [r["step"] for r in _rows(run_dir)] == list(range(20, 601, 20))
+
