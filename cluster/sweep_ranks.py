@@ -126,8 +126,9 @@ class TrialRanks:
             try:
                 ray.get(ready[0])
             except Exception as err:  # noqa: BLE001 - a dead actor or the rank's own exception
+                cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) else err  # the rank's own error
                 raise RuntimeError(f"trial {self.trial_id}: rank {index[ready[0]]} of {len(refs)} failed during "
-                                   f"{what}: {type(err).__name__}: {err}") from None
+                                   f"{what}: {type(cause).__name__}: {cause}") from err
         return ray.get(refs)
 
 

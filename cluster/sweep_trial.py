@@ -164,10 +164,14 @@ class TrialRun:
 
     def __init__(self, setup: SweepSetup, params: dict, trial_id: str, rank: int = 0, world: int = 1,
                  checkpoint=None):
+        from ddaebm.launch import check_launch
         from ddaebm.training.loop import build_trainer
 
         self.setup, self.trial_id, self.rank, self.world = setup, trial_id, rank, world
         self.cfg = setup.trial_config(params, trial_id)
+        # The driver checked one point of the space; this trial's values may not fit (a swept data.batch that does
+        # not divide over the ranks would silently train on the rounded-down per-rank batch): fail it, saying why.
+        check_launch(self.cfg, world)
         self.run_dir = setup.run_dir(trial_id)
         # The checkpoint folder is only needed until the engines are loaded (a remote one is a local copy).
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ckpt_dir:

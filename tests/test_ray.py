@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,6 +170,23 @@ def test_two_worker_sweep_finishes_with_a_killed_rank(tmp_path):
     cfg = load_config(tmp_path / "W3" / "best.yaml")
     assert cfg.dist.backend == "deepspeed"
     print(f"\n2-worker sweep (3 trials, one rank killed): wall {wall:.1f} s (Tune {s['wall_s']} s)")
+
+
+def test_a_trial_that_cannot_start_fails_with_its_reason_and_the_sweep_goes_on(tmp_path):
+    """A 2-rank trial whose values do not fit (data.batch=33 over 2 ranks) fails at its start with the launch
+    check's reason, once more on Tune's retry (--max-failures 1: 2 attempts), and is reported as failed; the other
+    trial finishes and the sweep ends with its best config (exit 0)."""
+    r = _run([SWEEP, "--local", "--num-cpus", "3", TOY, "--storage", tmp_path, "--name", "bad", "--workers", "2",
+              "--samples", "1", "--steps", "20", "--report-every", "20", "--eval-num", "500",
+              "--param", "data.batch=grid:32,33", *DS_TINY], 420)
+    _ok(r)
+    s = _summary(tmp_path, "bad")
+    good, bad = sorted(s["trials"], key=lambda t: t["config"]["data.batch"])
+    assert good["error"] is None and good["step"] == 20 and s["best"] == good["trial_id"], s
+    assert bad["error"] and "data.batch=33" in bad["error"] and "must divide over the 2 ranks" in bad["error"], s
+    reason = r"rank \d of 2 failed during rendezvous and restore: ConfigError: data\.batch=33 is the global batch"
+    assert len(re.findall(reason, r.stdout)) >= 2, r.stdout[-3000:]  # both attempts, with the reason
+    assert f"failed: {bad['trial_id']} after 2 attempt(s) (--max-failures 1): " in r.stdout, r.stdout[-3000:]
 
 
 def test_interrupted_sweep_resumes_with_tuner_restore(tmp_path):
