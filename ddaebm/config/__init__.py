@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ddaebm.config.schema import (Config, DataConfig, DiffusionConfig, DistConfig, EvalConfig, LossConfig,  # noqa: F401
                                   ModelConfig, OptimConfig, SampleConfig, TrainConfig)
+from ddaebm.config.ranges import RANGES
 from ddaebm.errors import BadInput
 
 
@@ -57,7 +58,8 @@ CHOICES = {
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.snapshot_every", "train.ckpt_every",
                      "train.keep_ckpts", "train.threads", "train.eval_at_end", "train.max_nonfinite",
                      "train.fast_path", "train.fast_products",
-                     "dist.timeout_s", "dist.device", "data.root", "data.loader", "data.workers", "eval", "sample")
+                     "dist.timeout_s", "dist.resume_timeout_s", "dist.device", "data.root", "data.loader",
+                     "data.workers", "eval", "sample")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -67,14 +69,20 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"config base cycle through {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read ({err})") from None
+    if data is None:  # an empty file would train on the schema's defaults without a word
+        raise ConfigError(f"{path} is empty: a config is a mapping of sections (see configs/)")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{path}: top level must be a mapping of sections, not a {type(data).__name__}")
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base: {base!r} must name a YAML file (relative to {path.parent})")
     parent = _read_yaml(path.parent / base, seen + (path.resolve(),))
     return _deep_merge(parent, data)
 
@@ -86,31 +94,48 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-def _check_choices(cfg: DictConfig) -> None:
+def _check_values(cfg: DictConfig) -> None:
+    """Every value check of a merged config, in one place: the numeric ranges (ddaebm/config/ranges.py, beside
+    the schema), the string choices, and the relations between fields."""
+    _check_ranges(cfg)
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+    name = cfg.name
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(f"name={name!r}: the run's name is a folder name under runs/ (not empty, no '/')")
     _check_variances(cfg.diffusion)
     _check_per_step(cfg, "loss.r1_gamma_scale", "≥ 0 (a factor on r1_gamma per step k)")
     _check_per_step(cfg, "loss.step_probs", "≥ 0 with a positive sum (how often each step k is drawn)",
                     positive_sum=True)
-    if cfg.loss.nce_weight < 0 or cfg.loss.nce_std <= 0:
-        raise ConfigError(f"loss.nce_weight must be ≥ 0 and loss.nce_std > 0, got {cfg.loss.nce_weight} and "
-                          f"{cfg.loss.nce_std}")
-    if cfg.model.energy_base_std < 0 or (cfg.model.energy_base_std > 0 and cfg.model.arch != "toy"):
-        raise ConfigError(f"model.energy_base_std must be ≥ 0, and 0 unless model.arch=toy; got "
+    if cfg.model.energy_base_std > 0 and cfg.model.arch != "toy":
+        raise ConfigError(f"model.energy_base_std must be 0 unless model.arch=toy; got "
                           f"{cfg.model.energy_base_std} with model.arch={cfg.model.arch}")
     if cfg.dist.precision == "fp16" and cfg.dist.backend != "deepspeed":
         raise ConfigError("dist.precision=fp16 needs dist.backend=deepspeed (its dynamic loss scaling); "
                           "the torch backend offers fp32 and bf16")
-    if cfg.dist.grad_clip < 0 or cfg.dist.timeout_s < 1 or cfg.train.max_nonfinite < 0:
-        raise ConfigError("dist.grad_clip and train.max_nonfinite must be ≥ 0, dist.timeout_s ≥ 1")
-    for key in ("data.batch", "train.steps", "diffusion.num_steps", "model.nz", "loss.r1_interval"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key} must be ≥ 1, got {OmegaConf.select(cfg, key)}")
-    if cfg.sample.precise_bn_batches < 0:
-        raise ConfigError(f"sample.precise_bn_batches must be ≥ 0 (0: off), got {cfg.sample.precise_bn_batches}")
+    for lo, hi, strict in (("model.logvar_min", "model.logvar_max", False), ("eval.range_lo", "eval.range_hi", True),
+                           ("diffusion.beta_min", "diffusion.beta_max", False)):
+        a, b = OmegaConf.select(cfg, lo), OmegaConf.select(cfg, hi)
+        if not (a < b if strict else a <= b):
+            raise ConfigError(f"{lo}={a} must be {'below' if strict else 'at most'} {hi}={b}")
+    if cfg.model.arch == "ncsnpp" and len(cfg.model.ch_mult) == 0:
+        raise ConfigError("model.ch_mult is empty: the U-Net needs at least one resolution")
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """Each number (and each entry of a list of numbers) within its range in RANGES."""
+    for key, allowed in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:  # an Optional field left unset
+            continue
+        for v in (value if isinstance(value, (list, ListConfig)) else [value]):
+            if not allowed.admits(v):
+                shown = list(value) if isinstance(value, ListConfig) else value
+                kind = " (a finite float32)" if isinstance(v, float) else ""
+                raise ConfigError(f"{key}={shown!r}: {'each value ' if shown is not v else ''}must be "
+                                  f"{allowed.describe()}{kind}")
 
 
 def _check_per_step(cfg: DictConfig, key: str, meaning: str, positive_sum: bool = False) -> None:
@@ -160,12 +185,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _schema_error(err, f"override {item!r}") from None
+        except (yaml.YAMLError, ValueError) as err:  # the value is parsed as YAML
+            raise ConfigError(f"override {item!r}: cannot be read ({str(err).splitlines()[0]})") from None
     if name is not None:
         cfg.name = name
     if OmegaConf.is_missing(cfg, "name"):
         cfg.name = "default"
-    _check_choices(cfg)
-    return OmegaConf.to_object(cfg)
+    return _checked(cfg, "config")
 
 
 def config_from_dict(data: dict) -> Config:
@@ -174,8 +200,17 @@ def config_from_dict(data: dict) -> Config:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), data)
     except OmegaConfBaseException as err:
         raise _schema_error(err, "saved config") from None
-    _check_choices(cfg)
-    return OmegaConf.to_object(cfg)
+    return _checked(cfg, "saved config")
+
+
+def _checked(cfg: DictConfig, origin: str) -> Config:
+    """The typed config once every value passed its check; an interpolation that cannot be resolved
+    (`${...}` naming a missing key) is refused here too, naming the key."""
+    try:
+        _check_values(cfg)
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise _schema_error(err, origin) from None
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -188,6 +188,7 @@ class TrainConfig:
     """Sample scatter and density PNGs into the run dir."""
     ckpt_every: int = 2000
     keep_ckpts: int = 3
+    """How many checkpoints to keep (the newest, and always the one just written); 0 keeps all."""
     eval_at_end: bool = True
     max_nonfinite: int = 10
     """Stop the run after this many consecutive iterations with a NaN/Inf loss (each one is skipped and
@@ -218,6 +219,10 @@ class DistConfig:
     """Clip each engine's global gradient norm to this; 0 = off."""
     timeout_s: int = 300
     """Collective timeout: a rank that dies makes the others fail after at most this long instead of hanging."""
+    resume_timeout_s: int = 3600
+    """How long the other ranks wait, at start, for rank 0 to pick and verify the checkpoint to resume (its sha256
+    over every file) and, at another world size, convert its ZeRO shards to a universal checkpoint (README
+    "Several ranks"); also how long they wait when rank 0 died there."""
     device: str = "auto"
     """'auto' (this rank's GPU when CUDA is available, else CPU), 'cpu' or 'cuda'."""
     cudnn_benchmark: bool = True
