@@ -72,29 +72,39 @@ class Model:
         if device is None and cfg.dist.device == "cuda" and not torch.cuda.is_available():
             device = torch.device("cpu")  # a run trained on GPUs, opened where there are none
         model = cls(cfg, device)
-        for name, module in model.networks.items():
-            module.load_state_dict(state["engines"][name]["module"])
-        if state.get("ema") is not None:
-            model.averaged = {name: averaged_copy(m) for name, m in model.networks.items()}
-            for name, module in model.averaged.items():
-                module.load_state_dict(state["ema"][name])
+        try:
+            for name, module in model.networks.items():
+                module.load_state_dict(state["engines"][name]["module"])
+            if state.get("ema") is not None:
+                model.averaged = {name: averaged_copy(m) for name, m in model.networks.items()}
+                for name, module in model.averaged.items():
+                    module.load_state_dict(state["ema"][name])
+        except (KeyError, TypeError, RuntimeError) as err:  # a sealed checkpoint whose weights are not its config's
+            raise BadInput(f"checkpoint of step {state.get('step')}: its weights do not fit its config "
+                           f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
         model.step = state["step"]
         return model
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device | None = None) -> "Model":
-        """The model of one checkpoint folder (verified against its manifest) or state file."""
-        from ddaebm.checkpoint import load_checkpoint, verify_checkpoint
+        """The model of one checkpoint folder (verified against its manifest when it has one, with a warning when
+        not) or state file, read without running code (ddaebm/checkpoint/state.py)."""
+        import warnings
+
+        from ddaebm.checkpoint import MANIFEST, CheckpointWarning, load_state, verify_checkpoint
 
         path = Path(path)
-        if path.is_dir():
-            verify_checkpoint(path)
-        return cls.from_state(load_checkpoint(path), device)
+        if path.is_dir() and (path / MANIFEST).is_file():
+            return cls.from_state(verify_checkpoint(path), device)
+        warnings.warn(f"{path}: no {MANIFEST} beside it, so its files cannot be checked", CheckpointWarning,
+                      stacklevel=2)
+        return cls.from_state(load_state(path), device)
 
     @classmethod
     def from_run(cls, run_dir: Path, device: torch.device | None = None) -> "Model":
         """The model of the newest checkpoint of `run_dir` that verifies, by the rule resuming uses: a damaged
-        newest one is skipped with a warning."""
+        newest one is skipped with a warning, one that would run code is refused, and a run whose checkpoints
+        all fail to verify is an error."""
         from ddaebm.checkpoint import newest_valid_checkpoint
 
         found = newest_valid_checkpoint(run_dir)

@@ -110,7 +110,7 @@ def stats(run_dir: Path) -> list[dict]:
 
 def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     state = torch.load(run_dir / "checkpoints" / f"step-{step:09d}" / "state.pt", map_location="cpu",
-                       weights_only=False)
+                       weights_only=True)
     return {f"{e}.{k}": v for e in ("energy", "generator") for k, v in state["engines"][e]["module"].items()}
 
 

