@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ddaebm.config import ConfigError, load_config
+from ddaebm.errors import BadInput
 from ddaebm.checkpoint import complete_checkpoints, latest_checkpoint
 from ddaebm.training.loop import prepare_run, train
 from tests.conftest import CONFIGS, TINY
@@ -58,7 +59,7 @@ def test_resume_refuses_a_different_experiment(tmp_path):
     train(_cfg(4), tmp_path / "run")
     with pytest.raises(ConfigError, match="loss.r1_gamma"):
         prepare_run(_cfg(8, ["loss.r1_gamma=0.5"]), tmp_path / "run", "auto")
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
+    with pytest.raises(BadInput, match="already holds checkpoints"):
         prepare_run(_cfg(8), tmp_path / "run", "never")
 
 

@@ -1,9 +1,9 @@
-"""The training loop around a Trainer: run directory, resume, intervals, snapshots, final evaluation.
+"""The training loop around a Trainer: intervals, checkpoints, snapshots, final evaluation.
 
-To resume, run the same command again: `resume='auto'` continues from the newest complete checkpoint in the
-run directory that verifies (after checking that it is the same experiment), or starts fresh when there is
-none. The same loop runs on one process or on every rank of a launcher; only rank 0 writes logs, plots and
-pointers, every rank takes part in checkpoints.
+To resume, run the same command again: the job continues from the newest checkpoint in the run directory that
+verifies (after checking that it is the same experiment; ddaebm/training/resume.py decides, the command line
+holds the run dir's lock), or starts fresh when there is none. The same loop runs on one process or on every
+rank of a launcher; only rank 0 writes logs, plots and pointers, every rank takes part in checkpoints.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 from ddaebm import distributed
-from ddaebm.checkpoint import (complete_checkpoints, load_checkpoint, newest_valid_checkpoint, save_checkpoint,
-                               verify_checkpoint)
-from ddaebm.config import Config, ConfigError, experiment_differences, to_yaml
+from ddaebm.checkpoint import save_checkpoint
+from ddaebm.config import Config, to_yaml
 from ddaebm.data.stream import is_toy
 from ddaebm.evaluation.toy import evaluate_toy
 from ddaebm.fsio import write_atomic
@@ -24,49 +23,12 @@ from ddaebm.snapshots import save_reals, save_snapshot
 from ddaebm.training.monitor import Monitor
 from ddaebm.training.perf import apply_gpu_settings, retain_freed_heap_memory
 from ddaebm.training.preemption import NonFiniteStop, Preempted, stop_signals
+from ddaebm.training.resume import check_resumable, prepare_run  # noqa: F401 (the loop's public API before the split)
 from ddaebm.training.trainer import Trainer
 
 
 def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / cfg.name
-
-
-def resolve_resume(run_dir: Path, resume: str, warn: bool = True) -> tuple[Path, dict] | None:
-    """The checkpoint to continue from and its state: 'auto' (newest valid, or none), 'never', or a path."""
-    if resume == "auto":
-        return newest_valid_checkpoint(run_dir, warn)
-    if resume == "never":
-        if complete_checkpoints(run_dir):
-            raise ConfigError(f"{run_dir} already holds checkpoints; use --resume auto or another --run-dir")
-        return None
-    path = Path(resume)
-    if not path.exists():
-        raise ConfigError(f"--resume {resume}: no such checkpoint")
-    if path.is_dir():
-        verify_checkpoint(path)
-    return path, load_checkpoint(path)
-
-
-def check_same_experiment(saved_config: dict, cfg: Config, where: Path) -> None:
-    diffs = experiment_differences(saved_config, cfg)
-    if diffs:
-        raise ConfigError(f"{where} holds a different experiment ({'; '.join(diffs[:4])}); "
-                          "use another --run-dir or the same config")
-
-
-def prepare_run(cfg: Config, run_dir: Path, resume: str = "auto", warn: bool = True) -> dict | None:
-    """Validate the run directory against `cfg` and return the checkpoint state to resume from, if any.
-
-    The state carries its folder under "checkpoint_dir" (a DeepSpeed run loads its engine shards from there).
-    Raises ConfigError before anything is written, so bad input leaves the disk untouched.
-    """
-    found = resolve_resume(run_dir, resume, warn)
-    if found is None:
-        return None
-    ckpt, state = found
-    check_same_experiment(state["config"], cfg, ckpt)
-    state["checkpoint_dir"] = str(ckpt)
-    return state
 
 
 def build_trainer(cfg: Config, state: dict | None, rank: int = 0, world: int = 1) -> Trainer:
@@ -108,6 +70,10 @@ def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, 
     counts = parameter_counts(trainer.energy, trainer.gen_enc)
     monitor.write("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
                   + f"; device {trainer.device}, {cfg.dist.precision}; losses: {trainer.objectives_note}")
+    if world > 1 and cfg.model.arch == "toy" and cfg.model.gen_norm == "batch":
+        monitor.write(f"note: the generator's BatchNorm normalises each rank's {cfg.data.batch // world} rows by "
+                      "their own statistics, so this run differs from one on another number of ranks (README, "
+                      "\"Several ranks\")")
     if lead and trainer.step == 0:
         save_reals(trainer.model, run_dir)
     stop = cfg.train.steps if slice_steps is None else min(cfg.train.steps, trainer.step + slice_steps)
@@ -124,7 +90,8 @@ def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, 
             if lead and (step % cfg.train.snapshot_every == 0 or step == cfg.train.steps):
                 save_snapshot(trainer.model, run_dir, step)
             if preempted:
-                monitor.write(f"preempted ({signalled.name}): stopped at step {step} with a checkpoint")
+                cause = signalled.name or "a stop signal on another rank"  # the ranks agree; one of them was signalled
+                monitor.write(f"preempted ({cause}): stopped at step {step} with a checkpoint")
                 monitor.close()
                 raise Preempted(step)
     monitor.close()
