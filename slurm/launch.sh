@@ -89,9 +89,9 @@ mkdir -p "$run_dir"
 job_log=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *StdOut=//p')
 [[ -n $job_log && -f $job_log ]] && ln -sfn "$job_log" "$run_dir/slurm-$SLURM_JOB_ID.out"
 
-# Each rank starts with SIGUSR1 ignored (an ignored disposition survives exec) until ddaebm's training loop
-# installs its handler: a warning that comes while the ranks are still starting up must not kill them. The
-# launcher repeats a received SIGUSR1 every 10 s until the ranks have ended, so the loop gets it once it listens.
+# Each rank starts with SIGUSR1 ignored (an ignored disposition survives exec) until `ddaebm train` installs its
+# handler in its first lines: a warning that comes while the interpreter starts must not kill the rank. The
+# launcher repeats a received SIGUSR1 every 10 s until the ranks have ended, so a rank gets it once it listens.
 cmd=(bash -c 'trap "" USR1; exec "$@"' rank "$python" -m ddaebm train "$config" --run-dir "$run_dir" "$@")
 srun_args=(--kill-on-bad-exit=0)  # explicit: a cluster default of 1 would kill ranks still sealing a checkpoint
 [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")  # srun ≥ 22.05 does not inherit it
