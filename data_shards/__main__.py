@@ -4,13 +4,14 @@
                                  [--resolution R] [--limit N] [--workers N] [--overwrite] ...
     python -m data_shards verify DIR [--name NAME] [--split SPLIT] [--decode]
 
-SOURCE is one of folder, cifar10, lsun, celeba, mnist, stackedmnist. Examples (method.md §8, §10):
+SOURCE is one of folder, cifar10, lsun, celeba, mnist, fashion_mnist, stackedmnist. Examples (method.md §8, §10):
 
     python -m data_shards cifar10 --input cifar-10-batches-py --out shards/cifar10 --split train
     python -m data_shards celeba --input img_align_celeba --partition list_eval_partition.txt --out shards/celeba64 \\
         --name celeba64 --split train --workers 8
     python -m data_shards lsun --input church_outdoor_train_lmdb --out shards/lsun --name church --limit 120000
     python -m data_shards mnist --input mnist --out shards/mnist --split test
+    python -m data_shards fashion_mnist --input fashion-mnist --out shards/fashion --name fashion --resolution 32
     python -m data_shards stackedmnist --input mnist --out shards/stackedmnist --split train
 """
 
@@ -24,7 +25,7 @@ from data_shards import sources
 from data_shards.verify import verify_dir
 from data_shards.writer import records, write_split
 
-SOURCES = ("folder", "cifar10", "lsun", "celeba", "mnist", "stackedmnist")
+SOURCES = ("folder", "cifar10", "lsun", "celeba", "mnist", "fashion_mnist", "stackedmnist")
 
 
 def write_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,8 @@ def write_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split name; selects the source's split where it has them")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
     p.add_argument("--resolution", type=int, default=None,
-                   help="celeba: output size (default 64); stackedmnist: padded size (default 32); folder/lsun: "
+                   help="celeba: output size (default 64); stackedmnist: padded size (default 32); mnist, "
+                        "fashion_mnist: padded size (default: 28, unpadded); folder/lsun: "
                         "resize shorter side + centre crop to PNG (default: keep the source's bytes)")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples (LSUN church: 120000)")
     p.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
@@ -66,7 +68,9 @@ def make_source(a: argparse.Namespace) -> sources.Source:
     if a.source == "celeba":
         return sources.celeba(a.input, a.split, a.resolution or 64, a.partition, a.limit)
     if a.source == "mnist":
-        return sources.mnist(a.input, a.split, a.limit)
+        return sources.mnist(a.input, a.split, a.limit, a.resolution)
+    if a.source == "fashion_mnist":
+        return sources.fashion_mnist(a.input, a.split, a.limit, a.resolution)
     return sources.stackedmnist(a.input, a.split, a.num_samples, a.seed, a.resolution or 32, a.limit)
 
 

@@ -225,17 +225,41 @@ def load_mnist(input: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64)  # int64: StackedMNIST's 100a+10b+c overflows uint8
 
 
-def _gray_job(job) -> Record:
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
+
+
+def _gray_job(job, pad: int = 0) -> Record:
     image, label = job
-    return Record(encode_png(image), "png", int(label))
+    return Record(encode_png(np.pad(image, pad) if pad else image), "png", int(label))
 
 
-def mnist(input: Path, split: str, limit: int | None = None) -> Source:
-    """MNIST IDX files (train-*/t10k-*, gz or not): 28×28 grayscale PNGs, label 0-9."""
+def _pad_for(resolution: int | None, kind: str) -> int:
+    """Zero border that takes 28×28 images to resolution² (None: keep 28)."""
+    if resolution is None:
+        return 0
+    if resolution < 28 or (resolution - 28) % 2:
+        raise ValueError(f"{kind} pads 28x28 images symmetrically: --resolution {resolution} must be 28+2k")
+    return (resolution - 28) // 2
+
+
+def mnist(input: Path, split: str, limit: int | None = None, resolution: int | None = None,
+          kind: str = "mnist") -> Source:
+    """MNIST IDX files (train-*/t10k-*, gz or not): 28×28 grayscale PNGs, label 0-9; zero-padded to
+    `resolution`² when given (32: the MNIST OOD set of a 32² model, as StackedMNIST pads).
+    kind='fashion_mnist' reads Fashion-MNIST, whose files have the same names and format."""
     images, labels = load_mnist(input, split)
-    return Source(_limited(zip(images, labels), limit), _gray_job,
-                  {"kind": "class", "num_classes": 10, "names": [str(d) for d in range(10)]},
-                  {"kind": "mnist", "path": str(input), "split_files": SPLIT_FILES["mnist"][split]})
+    pad = _pad_for(resolution, kind)
+    names = FASHION_NAMES if kind == "fashion_mnist" else [str(d) for d in range(10)]
+    return Source(_limited(zip(images, labels), limit), partial(_gray_job, pad=pad),
+                  {"kind": "class", "num_classes": 10, "names": names},
+                  {"kind": kind, "path": str(input), "split_files": SPLIT_FILES["mnist"][split],
+                   **({"pad_to": resolution} if pad else {})})
+
+
+def fashion_mnist(input: Path, split: str, limit: int | None = None, resolution: int | None = None) -> Source:
+    """Fashion-MNIST (the IDX files train-*/t10k-*, 60k/10k 28×28 grayscale, 10 classes), padded as `mnist`."""
+    return mnist(input, split, limit, resolution, kind="fashion_mnist")
 
 
 def _stacked_job(job, pad: int) -> Record:
