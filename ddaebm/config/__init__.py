@@ -34,6 +34,8 @@ CHOICES = {
     "model.arch": ("toy", "ncsnpp", "mnist_nice"),
     "model.progressive_input": ("residual", "none"),
     "model.encoder": ("small", "64", "large"),
+    "model.image_net": ("ncsnpp", "small"),
+    "model.energy_head": ("residual", "scalar"),
     "data.preprocess": ("minus_one_one", "logit"),
     "data.loader": ("auto", "pil", "dali"),
     "data.on_error": ("raise", "skip"),
@@ -122,6 +124,12 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{lo}={a} must be {'below' if strict else 'at most'} {hi}={b}")
     if cfg.model.arch == "ncsnpp" and len(cfg.model.ch_mult) == 0:
         raise ConfigError("model.ch_mult is empty: the U-Net needs at least one resolution")
+    if cfg.model.energy_head == "scalar" and (cfg.model.arch != "ncsnpp" or cfg.model.image_net != "small"):
+        raise ConfigError("model.energy_head=scalar is a head of the small image networks: it needs model.arch=ncsnpp "
+                          f"and model.image_net=small (got {cfg.model.arch}, {cfg.model.image_net})")
+    if cfg.model.arch == "ncsnpp" and cfg.model.image_net == "small" and len(cfg.model.ch_mult) < 2:
+        raise ConfigError(f"model.image_net=small needs model.ch_mult with at least 2 levels (full resolution and "
+                          f"one below), got {list(cfg.model.ch_mult)}")
 
 
 def _check_ranges(cfg: DictConfig) -> None:

@@ -78,6 +78,14 @@ class ModelConfig:
     encoder_ngf: int = 64
     channels_last: bool = False
     """Run the image networks in channels_last memory format (faster convolutions on recent GPUs)."""
+    image_net: str = "ncsnpp"
+    """Which networks arch=ncsnpp builds on images: 'ncsnpp' (the NCSN++/DDPM++ U-Nets of method.md §8) or 'small'
+    (DCGAN-scale energy and generator, ddaebm/networks/small.py: no ResBlocks at full resolution, no attention,
+    4×4 stride-2 resampling; nf, ch_mult, num_res_blocks, nz, z_emb_dim, n_mlp and the encoder keys apply, the
+    NCSN++-only keys attn_resolutions, dropout, fir and progressive_input do not). For CPU-scale experiments."""
+    energy_head: str = "residual"
+    """The image energy's form: 'residual', f(x, k) = −½‖x − U(x, k)‖² (method.md §2, the paper's), or 'scalar', a
+    DCGAN discriminator with a linear head (image_net=small only; not bounded above in x)."""
     # ---- arch=mnist_nice (method.md §7.5)
     nice_hidden: int = 1000
     nice_layers: int = 5

@@ -2,8 +2,9 @@
 
 `model.arch` picks a family (method.md §2-§4, §7.5, §8): 'toy' MLPs on 2-D points; 'ncsnpp' U-Nets on images (the
 NCSN++ energy −½‖x − U(x, k)‖², the z-conditioned AdaGN NCSN++ generator, a convolutional encoder; DDPM++ is
-the same skeleton with fir=false, progressive_input=none); 'mnist_nice' (the NICE_t energy, an exact density at
-every k, with MLP generator and encoder on flat logit pixels).
+the same skeleton with fir=false, progressive_input=none; with `model.image_net: small`, the DCGAN-scale networks
+of ddaebm/networks/small.py instead); 'mnist_nice' (the NICE_t energy, an exact density at every k, with MLP
+generator and encoder on flat logit pixels).
 """
 
 from __future__ import annotations
@@ -28,8 +29,17 @@ def _unet_args(cfg: ModelConfig, num_steps: int) -> dict:
                 fir=cfg.fir, progressive_input=cfg.progressive_input, num_steps=num_steps)
 
 
+def _small_args(cfg: ModelConfig, num_steps: int) -> dict:
+    return dict(image_size=cfg.image_size, channels=cfg.channels, nf=cfg.nf, ch_mult=tuple(cfg.ch_mult),
+                num_res_blocks=cfg.num_res_blocks, num_steps=num_steps)
+
+
 def build_energy(cfg: ModelConfig, num_steps: int = 4) -> nn.Module:
     """f_θ(x, k) for k ∈ {0..num_steps−1}, a scalar per sample."""
+    if cfg.arch == "ncsnpp" and cfg.image_net == "small":
+        from ddaebm.networks.small import SmallEnergy
+
+        return SmallEnergy(**_small_args(cfg, num_steps), head=cfg.energy_head)
     if cfg.arch == "toy":
         from ddaebm.networks.toy import ToyEnergy
 
@@ -51,6 +61,10 @@ def _generator(cfg: ModelConfig, num_steps: int) -> nn.Module:
         from ddaebm.networks.toy import ToyGenerator
 
         return ToyGenerator(cfg.data_dim, cfg.nz, cfg.hidden, cfg.t_emb_dim, cfg.gen_norm, num_steps)
+    if cfg.arch == "ncsnpp" and cfg.image_net == "small":
+        from ddaebm.networks.small import SmallGenerator
+
+        return SmallGenerator(**_small_args(cfg, num_steps), nz=cfg.nz, z_emb_dim=cfg.z_emb_dim, n_mlp=cfg.n_mlp)
     if cfg.arch == "ncsnpp":
         from ddaebm.networks.ncsnpp import NCSNppGenerator
 
