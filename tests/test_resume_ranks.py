@@ -80,3 +80,21 @@ def test_a_bad_input_rank_0_finds_ends_every_rank(tmp_path):
     finally:
         holder.release()
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_a_damaged_universal_conversion_is_redone(tmp_path):
+    """ZeRO 1 written on 2 ranks, resumed on 1: the conversion is cached beside the shards with its own manifest;
+    a damaged cache is converted again (not handed to DeepSpeed), an intact one is reused."""
+    from ddaebm.checkpoint import verify_listed
+
+    extra = ["dist.zero_stage=1", "train.ckpt_every=5", "train.keep_ckpts=0"]
+    _ok(run_ranks(train_args("run", 10, extra) + ["--slice-steps", "5"], 2, tmp_path))
+    _ok(run_ranks(train_args("run", 10, extra), 1, tmp_path))
+    first = final_weights(tmp_path / "run", 10)
+    cache = tmp_path / "run" / "checkpoints" / "step-000000005" / "engines" / "energy" / "ds_universal"
+    assert verify_listed(cache)
+    victim = next(cache.rglob("exp_avg.pt"))
+    victim.write_bytes(victim.read_bytes()[:50])
+    r = _ok(run_ranks(train_args("run", 10, extra) + ["--resume", "run/checkpoints/step-000000005"], 1, tmp_path))
+    assert "resumed at step 5/10" in r.stdout and verify_listed(cache)
+    assert max_weight_diff(first, final_weights(tmp_path / "run", 10)) < 1e-6

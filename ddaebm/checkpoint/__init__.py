@@ -8,10 +8,11 @@
 
 from ddaebm.checkpoint.files import (CORRUPT, ENGINES, MANIFEST, POINTER, STATE_FILE, SUPERSEDED,  # noqa: F401
                                      CheckpointError, CheckpointWarning, checkpoint_root, complete_checkpoints,
-                                     latest_checkpoint, sealed_checkpoints, step_folders, step_of)
+                                     latest_checkpoint, sealed_checkpoints, step_folders, step_of, verify_listed,
+                                     write_manifest)
 from ddaebm.checkpoint.select import (Selection, newest_valid_checkpoint, select_checkpoint,  # noqa: F401
                                       tidy_run_dir, verify_checkpoint)
-from ddaebm.checkpoint.state import UnsafeCheckpoint, load_state, scan_engine_files  # noqa: F401
+from ddaebm.checkpoint.state import UnsafeCheckpoint, load_state, scan_engine_files, scan_files  # noqa: F401
 from ddaebm.checkpoint.write import CheckpointWriteError, prune, save_checkpoint  # noqa: F401
 
 load_checkpoint = load_state  # the name callers used before the split

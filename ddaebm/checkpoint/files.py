@@ -83,30 +83,43 @@ def write_manifest(folder: Path) -> None:
     write_atomic(folder / MANIFEST, json.dumps(manifest, indent=0))
 
 
-def verify_files(path: Path) -> None:
-    """Raise CheckpointError unless `path` has a manifest and every file it lists is there, whole and unaltered."""
-    manifest = Path(path) / MANIFEST
+def read_manifest(folder: Path) -> list[tuple[str, int, str]]:
+    """(relative path, size, sha256) of every file `folder`'s manifest lists."""
+    manifest = Path(folder) / MANIFEST
     if not manifest.is_file():
-        raise CheckpointError(f"{path} has no {MANIFEST}: it was never sealed (a save cut short, or files copied "
+        raise CheckpointError(f"{folder} has no {MANIFEST}: it was never sealed (a save cut short, or files copied "
                               "without it), so its files cannot be checked")
     try:
         listed = json.loads(manifest.read_text())
-        entries = [(str(rel), int(size), str(digest)) for rel, (size, digest) in listed.items()]
+        return [(str(rel), int(size), str(digest)) for rel, (size, digest) in listed.items()]
     except (ValueError, TypeError, AttributeError, OSError):
         raise CheckpointError(f"{manifest} is not a valid manifest") from None
-    if STATE_FILE not in {rel for rel, _, _ in entries}:
-        raise CheckpointError(f"{manifest} does not list {STATE_FILE}")
-    root = Path(path).resolve()
-    for rel, size, digest in entries:
-        file = Path(path) / rel
+
+
+def verify_listed(folder: Path) -> list[Path]:
+    """The files `folder`'s manifest lists, once each is there, whole and unaltered (else CheckpointError)."""
+    root, files = Path(folder).resolve(), []
+    for rel, size, digest in read_manifest(folder):
+        file = Path(folder) / rel
         if root not in file.resolve().parents:
-            raise CheckpointError(f"{manifest} lists {rel!r}, outside the checkpoint")
+            raise CheckpointError(f"{Path(folder) / MANIFEST} lists {rel!r}, outside the checkpoint")
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")
         if file.stat().st_size != size:
             raise CheckpointError(f"{file} has {file.stat().st_size} bytes, {size} were written")
         if sha256(file) != digest:
             raise CheckpointError(f"{file} does not match its sha256")
+        files.append(file)
+    return files
+
+
+def verify_files(path: Path) -> list[Path]:
+    """The files of checkpoint folder `path`, once it has a manifest that lists state.pt and every file it lists
+    is there, whole and unaltered (else CheckpointError)."""
+    files = verify_listed(path)
+    if Path(path) / STATE_FILE not in files:
+        raise CheckpointError(f"{Path(path) / MANIFEST} does not list {STATE_FILE}")
+    return files
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -42,10 +42,10 @@ class Selection:
 def verify_checkpoint(path: Path, engines: bool = False) -> dict:
     """The state of the sealed checkpoint folder `path` once its files match its manifest and state.pt (and with
     `engines`, every engine file DeepSpeed will unpickle) read without running code."""
-    verify_files(path)
+    listed = verify_files(path)
     state = load_state(path)
     if engines:
-        scan_engine_files(path)
+        scan_engine_files(path, listed)
     return state
 
 

@@ -142,12 +142,20 @@ def _deepspeed_classes() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def scan_engine_files(path: Path) -> int:
-    """Read every .pt file under `path`/engines/ without running code before DeepSpeed unpickles them; raise
-    UnsafeCheckpoint for one that names anything but plain data and DeepSpeed's record classes. The number of
-    files scanned."""
-    files = sorted((Path(path) / ENGINES).rglob("*.pt")) if (Path(path) / ENGINES).is_dir() else []
+def scan_files(files: list[Path]) -> int:
+    """Read each of `files` without running code, before DeepSpeed unpickles them: UnsafeCheckpoint for one that
+    names anything but plain data and DeepSpeed's record classes. The number scanned."""
+    files = [f for f in files if Path(f).suffix == ".pt"]
     allowed = _deepspeed_classes() if files else []
     for file in files:
         _safe_load(file, allowed)
     return len(files)
+
+
+def scan_engine_files(path: Path, listed: list[Path] | None = None) -> int:
+    """scan_files of the engine files of checkpoint folder `path`: those its manifest lists (`listed`), or every
+    .pt under engines/ of a folder without one."""
+    engines = Path(path) / ENGINES
+    if listed is None:
+        listed = sorted(engines.rglob("*.pt")) if engines.is_dir() else []
+    return scan_files([f for f in listed if engines in Path(f).parents])

@@ -14,6 +14,7 @@ experiment, a step target below the run's) reaches every rank as the same BadInp
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ddaebm.checkpoint import (ENGINES, CheckpointWarning, Selection, load_state, select_checkpoint, step_folders,
-                               tidy_run_dir)
+from ddaebm.checkpoint import (ENGINES, CheckpointError, CheckpointWarning, Selection, load_state, scan_files,
+                               select_checkpoint, step_folders, tidy_run_dir, verify_listed, write_manifest)
 from ddaebm.config import Config, ConfigError, experiment_differences
 from ddaebm.errors import BadInput
 from ddaebm.rundir import RunLock
@@ -103,15 +104,28 @@ def decide(cfg: Config, run_dir: Path, resume: str, world: int) -> tuple[Selecti
 
 def _convert_for_world(cfg: Config, selection: Selection, world: int) -> None:
     """ZeRO 1/2 shards written at another world size, converted to a universal checkpoint here, by the writer,
-    before any collective with a short timeout (the engines then find the conversion cached)."""
+    before any collective with a short timeout (the engines then find the conversion cached). A cached conversion
+    carries its own manifest: one that does not match it (cut short, altered, or from before) is converted
+    again, one that does is scanned like the shards before DeepSpeed unpickles it."""
     if cfg.dist.backend != "deepspeed" or selection.state is None:
         return
-    from ddaebm.training.deepspeed_engine import convert_to_universal, needs_universal
+    from ddaebm.training.deepspeed_engine import UNIVERSAL_TAG, convert_to_universal, needs_universal
 
-    if needs_universal(cfg, selection.state, world):
-        folder = Path(_with_folder(selection)["checkpoint_dir"])
-        for name in ("energy", "generator"):
-            convert_to_universal(folder / ENGINES / name)
+    if not needs_universal(cfg, selection.state, world):
+        return
+    folder = Path(_with_folder(selection)["checkpoint_dir"])
+    for name in ("energy", "generator"):
+        cached = folder / ENGINES / name / UNIVERSAL_TAG
+        try:
+            files = verify_listed(cached) if cached.is_dir() else None
+        except CheckpointError:
+            files = None
+            shutil.rmtree(cached)
+        if files is not None:
+            scan_files(files)
+            continue
+        convert_to_universal(cached.parent)
+        write_manifest(cached)
 
 
 def start_here(cfg: Config, run_dir: Path, resume: str) -> RunStart:
