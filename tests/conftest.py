@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -24,3 +25,17 @@ def run_cli(args, cwd, env):
 
     return subprocess.run([sys.executable, "-m", "ddaebm", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                 "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST")
+
+
+@contextlib.contextmanager
+def one_process():
+    """A context in which this process is no launcher's rank: the CLI called in process must see world size 1
+    whatever an earlier test left in os.environ (distributed.discover fills RANK/WORLD_SIZE from SLURM's)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key in LAUNCHER_VARS:
+            patch.delenv(key, raising=False)
+        yield

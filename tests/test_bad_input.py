@@ -8,10 +8,11 @@ after the call), {run} a trained tiny run (unchanged after the call), {file} a p
 
 import shutil
 import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import CONFIGS, TINY
+from tests.conftest import CONFIGS, TINY, one_process
 
 CFG = str(CONFIGS / "toy" / "25gaussians.yaml")
 TRAIN = ["train", "{cfg}", "--run-dir", "{new}", "--steps", "2", *TINY, "train.eval_at_end=false"]
@@ -182,8 +183,9 @@ def trained(tmp_path_factory):
     from ddaebm.cli import main
 
     run = tmp_path_factory.mktemp("bad") / "run"
-    assert main(["train", CFG, "--run-dir", str(run), "--steps", "4", *TINY, "train.ckpt_every=2",
-                 "train.eval_at_end=false"]) == 0
+    with one_process():
+        assert main(["train", CFG, "--run-dir", str(run), "--steps", "4", *TINY, "train.ckpt_every=2",
+                     "train.eval_at_end=false"]) == 0
     return run
 
 
@@ -218,7 +220,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, trained, caps
     run_before, tmp_before = _files(trained), sorted(p.name for p in tmp_path.iterdir())
     capsys.readouterr()
     try:
-        code = main(args)
+        with one_process():
+            code = main(args)
     except SystemExit as exit_:  # argparse
         code = exit_.code
     err = capsys.readouterr().err
@@ -228,10 +231,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, trained, caps
     assert _files(trained) == run_before and sorted(p.name for p in tmp_path.iterdir()) == tmp_before
 
 
-def test_a_subprocess_sees_the_same_one_line(tmp_path, cli_env):
+def test_a_subprocess_sees_the_same_one_line(tmp_path):
     """The same contract through a real interpreter (nothing printed before the line: no config, no warning)."""
-    r = subprocess.run([shutil.which("python") or "python", "-m", "ddaebm", *_expand(_train("optim.lr_g=-1"),
-                        tmp_path, tmp_path)], cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
+    from tests.dist_utils import ds_env
+
+    r = subprocess.run([sys.executable, "-m", "ddaebm", *_expand(_train("optim.lr_g=-1"), tmp_path, tmp_path)],
+                       cwd=tmp_path, env=ds_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and "optim.lr_g" in r.stderr
 
 
@@ -255,8 +260,9 @@ def test_a_checkpoint_missing_its_config_is_refused(tmp_path, trained, capsys):
         manifest["state.pt"] = [len(data), hashlib.sha256(data).hexdigest()]
         (ckpt / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
-    assert main(["sample", str(run), "--num", "3", "--out", str(tmp_path / "x.npy")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no 'config' entry" in err
-    assert main(["train", CFG, "--run-dir", str(run), "--steps", "8", *TINY]) == 2
+    with one_process():
+        assert main(["sample", str(run), "--num", "3", "--out", str(tmp_path / "x.npy")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no 'config' entry" in err
+        assert main(["train", CFG, "--run-dir", str(run), "--steps", "8", *TINY]) == 2
     assert "none of its 2 checkpoint(s) verifies" in capsys.readouterr().err

@@ -18,7 +18,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tests.conftest import CONFIGS, TINY  # noqa: E402
+from tests.conftest import CONFIGS, TINY, one_process  # noqa: E402
 
 CFG = str(CONFIGS / "toy" / "25gaussians.yaml")
 EXAMPLES = int(os.environ.get("DDAEBM_FUZZ_EXAMPLES", "40"))
@@ -92,7 +92,8 @@ def _call(args, capsys):
     capsys.readouterr()
     threads = torch.get_num_threads()
     try:
-        code = main([str(a) for a in args])
+        with one_process():
+            code = main([str(a) for a in args])
     except SystemExit as exit_:
         code = exit_.code
     finally:
@@ -130,7 +131,8 @@ def toy_run(tmp_path_factory):
     from ddaebm.cli import main
 
     run = tmp_path_factory.mktemp("fuzzrun") / "run"
-    assert main(["train", CFG, "--run-dir", str(run), "--steps", "2", *TINY, "train.eval_at_end=false"]) == 0
+    with one_process():
+        assert main(["train", CFG, "--run-dir", str(run), "--steps", "2", *TINY, "train.eval_at_end=false"]) == 0
     (run.parent / "afile.npy").write_text("x")
     (run.parent / "adir.npy").mkdir()
     return run

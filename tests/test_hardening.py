@@ -16,7 +16,7 @@ import torch
 
 from ddaebm.checkpoint import CheckpointWriteError, load_state, sealed_checkpoints, step_folders
 from ddaebm.rundir import RunLock
-from tests.conftest import CONFIGS, TINY
+from tests.conftest import CONFIGS, TINY, one_process
 from tests.dist_utils import ds_env
 
 CFG = str(CONFIGS / "toy" / "25gaussians.yaml")
@@ -28,7 +28,8 @@ def _main(args, capsys):
     from ddaebm.cli import main
 
     capsys.readouterr()
-    code = main([str(a) for a in args])
+    with one_process():
+        code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)
 
@@ -86,7 +87,8 @@ def trained(tmp_path_factory):
     from ddaebm.cli import main
 
     run = tmp_path_factory.mktemp("trained") / "run"
-    assert main(["train", CFG, "--run-dir", str(run), "--steps", "8", *ARGS]) == 0
+    with one_process():
+        assert main(["train", CFG, "--run-dir", str(run), "--steps", "8", *ARGS]) == 0
     return lambda dest: shutil.copytree(run, dest) and dest
 
 
