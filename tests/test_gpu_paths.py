@@ -4,6 +4,7 @@ across device types, and R1's precision under bf16."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -139,11 +140,11 @@ def test_more_local_ranks_than_visible_gpus_is_one_clear_line():
     ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 1, 0),  # Ray: one GPU per worker
 ])
 def test_resolve_device_maps_launcher_environments(monkeypatch, env, visible, expected):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
-                "SLURM_STEP_NUM_TASKS", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    # A private environment: discover() writes torchrun's variables for an srun task into it, which must not
+    # leak into later tests (a WORLD_SIZE of 8 would make every later CLI call a rank of 8).
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")})
+    os.environ.update(env)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     assert distributed.resolve_device("auto") == torch.device("cuda", expected)
