@@ -15,7 +15,9 @@ TINY = ["model.hidden=32", "data.batch=32", "train.log_every=5", "train.ckpt_eve
 
 @pytest.fixture
 def cli_env():
-    env = dict(os.environ)
+    """The environment of a one-process CLI subprocess: this checkout first on the path, no launcher's variables
+    (an earlier test may have left RANK/WORLD_SIZE in os.environ: distributed.discover fills them from SLURM's)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
