@@ -60,7 +60,7 @@ def tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
 def final_state(run_dir: Path) -> dict:
     root = run_dir / "checkpoints"
     name = (root / "latest").read_text().strip()
-    return torch.load(root / name / "state.pt", map_location="cpu", weights_only=False)
+    return torch.load(root / name / "state.pt", map_location="cpu", weights_only=True)  # plain data, both formats
 
 
 def compare(a: Path, b: Path) -> list[str]:
