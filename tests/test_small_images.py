@@ -1,0 +1,237 @@
+"""Issue 21's image path at CPU scale: Fashion-MNIST and padded MNIST shards, the small networks, the small configs on
+2 DeepSpeed ranks, and one evaluation row of bench/fidelity.py (FID, refined FID, OOD AUROC, StackedMNIST modes)."""
+
+import gzip
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import CONFIGS, ROOT
+from tests.dist_utils import ds_env, run_ranks
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+MNIST = ROOT.parent / "shared" / "data" / "mnist-10k"
+needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="/usr/share/datasets/fashion-mnist not present")
+needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data/mnist-10k not present")
+SMALL = ["fashion32", "fashion32_ncsnpp", "stackedmnist"]
+
+
+def _shards(out, source: str, src, split: str, count: int, *extra: str):
+    r = subprocess.run([sys.executable, "-m", "data_shards", source, "--input", str(src), "--out", str(out),
+                        "--name", out.name, "--split", split,
+                        "--num-samples" if source == "stackedmnist" else "--limit", str(count), *extra],
+                       cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _idx_images(path, count):
+    with gzip.open(path) as f:
+        raw = f.read()
+    return np.frombuffer(raw, np.uint8, offset=16)[:count * 784].reshape(count, 28, 28)
+
+
+@needs_fashion
+@pytest.mark.parametrize("source, src", [("fashion_mnist", FASHION), pytest.param("mnist", MNIST, marks=needs_mnist)])
+def test_idx_source_padded_to_32_round_trips(tmp_path, source, src):
+    from ddaebm.data.images import iterate_split, load_labels
+    from ddaebm.data.pixels import to_uint8
+    from ddaebm.data.shards import load_manifest
+
+    out = _shards(tmp_path / "set", source, src, "test", 40, "--resolution", "32")
+    manifest = load_manifest(out, "set", "test")
+    assert (manifest["image"]["height"], manifest["image"]["width"], manifest["image"]["channels"]) == (32, 32, 1)
+    assert manifest["source"]["kind"] == source and manifest["source"]["pad_to"] == 32
+    images = np.concatenate([to_uint8(x, "minus_one_one")[..., 0]
+                             for x, _ in iterate_split(out, "set", "test", 16, 32, 1, loader="pil", workers=0)])
+    raw = _idx_images(src / "t10k-images-idx3-ubyte.gz", 40)
+    assert images.shape == (40, 32, 32)
+    assert np.array_equal(images[:, 2:30, 2:30], raw)  # the digits/clothes, unchanged
+    border = np.ones((32, 32), bool)
+    border[2:30, 2:30] = False
+    assert (images[:, border] == 0).all()  # a zero (black) border of 2 pixels
+    with gzip.open(src / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:40]
+    assert np.array_equal(load_labels(out, "set", "test"), labels)
+    r = subprocess.run([sys.executable, "-m", "data_shards", source, "--input", str(src), "--out", str(tmp_path / "odd"),
+                        "--split", "test", "--resolution", "31"], cwd=ROOT, env=ds_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "28+2k" in r.stderr and not (tmp_path / "odd").exists()
+
+
+@pytest.mark.parametrize("head", ["residual", "scalar"])
+def test_small_networks_shapes_init_and_r1(head):
+    from ddaebm.config import load_config
+    from ddaebm.networks import build_energy, build_generator_encoder
+
+    cfg = load_config(CONFIGS / "small" / "stackedmnist.yaml", ["model.nf=8", f"model.energy_head={head}"])
+    torch.manual_seed(0)
+    energy, gen_enc = build_energy(cfg.model), build_generator_encoder(cfg.model)
+    x = torch.randn(3, 3, 32, 32, requires_grad=True)
+    k = torch.tensor([0, 2, 3])
+    f = energy(x, k)
+    assert f.shape == (3,) and f.dtype == torch.float32
+    # At initialisation: −½‖x‖² (the zero output conv) for the residual head, 0 (the zero head) for the scalar one.
+    expected = -0.5 * x.detach().square().sum((1, 2, 3)) if head == "residual" else torch.zeros(3)
+    assert torch.allclose(f.detach(), expected)
+    # R1's double backward reaches the energy's parameters once they are not at their zero init.
+    with torch.no_grad():
+        for p in energy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    (grad,) = torch.autograd.grad(energy(x, k).sum(), x, create_graph=True)
+    grad.square().sum().backward()
+    assert sum(float(p.grad.abs().sum()) for p in energy.parameters() if p.grad is not None) > 0
+    x0 = gen_enc.generator(torch.randn(3, 3, 32, 32), k, torch.randn(3, cfg.model.nz))
+    assert x0.shape == (3, 3, 32, 32) and x0.abs().max() < 1
+    mu, logvar = gen_enc.encoder(x0, x0, k)
+    assert mu.shape == logvar.shape == (3, cfg.model.nz)
+
+
+def test_small_config_checks():
+    from ddaebm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="energy_head=scalar"):
+        load_config(CONFIGS / "small" / "fashion32_ncsnpp.yaml", ["model.energy_head=scalar"])
+    with pytest.raises(ConfigError, match="model.image_net"):
+        load_config(CONFIGS / "small" / "fashion32.yaml", ["model.image_net=dcgan"])
+    with pytest.raises(ConfigError, match="2 levels"):
+        load_config(CONFIGS / "small" / "fashion32.yaml", ["model.ch_mult=[1]"])
+
+
+@needs_fashion
+@needs_mnist
+@pytest.mark.parametrize("name", SMALL)
+def test_small_configs_train_two_steps_on_two_deepspeed_ranks(tmp_path, name):
+    pytest.importorskip("deepspeed")
+    if name == "stackedmnist":
+        shards = _shards(tmp_path / "stackedmnist", "stackedmnist", MNIST, "train", 32)
+    else:
+        shards = _shards(tmp_path / "fashion", "fashion_mnist", FASHION, "train", 32, "--resolution", "32")
+    run = tmp_path / "run"
+    args = ["train", str(CONFIGS / "small" / f"{name}.yaml"), "--run-dir", str(run), "--steps", "2",
+            f"data.root={shards}", f"data.dataset={shards.name}", "data.batch=8", "dist.backend=deepspeed",
+            "train.log_every=1", "train.ckpt_every=2", "train.snapshot_every=2"]
+    r = run_ranks(args, 2, tmp_path, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(v) for row in rows for v in row.values() if isinstance(v, float))
+    assert (run / "checkpoints" / "latest").exists() and (run / "snapshots" / "fakes-000000002.png").is_file()
+
+
+def _tiny_extractor(path):
+    """A TorchScript stand-in for the Inception weights ([N, 3, 299, 299] → [N, 32]): the FID code path, fast."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 8, stride=8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())
+    torch.jit.save(torch.jit.script(net), str(path))
+    return path
+
+
+def _finite(value) -> bool:
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return math.isfinite(value)
+    return True
+
+
+@needs_mnist
+def test_fidelity_evaluation_row_on_a_tiny_run(tmp_path):
+    """A StackedMNIST run trained 3 steps by bench/fidelity.py: one row with FID, refined FID, AUROC against MNIST,
+    noise and constant images, and modes, every number finite; then --plot draws it."""
+    data = _shards(tmp_path / "stackedmnist", "stackedmnist", MNIST, "train", 64)
+    _shards(tmp_path / "stackedmnist", "stackedmnist", MNIST, "test", 40, "--seed", "1")
+    mnist = tmp_path / "mnist"
+    for split, n in (("train", 300), ("test", 100)):
+        _shards(mnist, "mnist", MNIST, split, n)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "bench/fidelity.py", str(CONFIGS / "small" / "stackedmnist.yaml"), "--run-dir", str(run),
+           "--minutes", "0.02", "--no-eval-at-start", "--num", "12", "--refine-num", "6", "--ood-num", "30",
+           "--ood", f"{tmp_path / 'stackedmnist'}:stackedmnist:train", "--modes-mnist", f"{mnist}:mnist",
+           "--modes-num", "20", "--modes-p", "uniform", "--classifier-epochs", "1", "--eval-batch", "8", "--cache", str(tmp_path / "cache"),
+           "--inception", str(_tiny_extractor(tmp_path / "features.pt")), f"data.root={data}", "data.batch=4",
+           "model.nf=8", "train.steps=3"]
+    r = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "fidelity.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["step"] >= 1 and row["num"] == 12 and row["refine_num"] == 6 and row["ref_num"] == 40
+    assert set(row["auroc"]) == {"stackedmnist", "uniform", "constant"} and row["num_in"] == 30
+    for key in ("fid", "fid_refine", "modes", "kl", "train_minutes", "s_per_it"):
+        assert row[key] is not None, key
+    assert _finite(row), row
+    assert (run / "fidelity" / f"grid-{row['step']:09d}.png").is_file()
+    # --eval-only: one more row of the same checkpoint, no training (the final large-sample FID of a long run).
+    r = subprocess.run(cmd + ["--eval-only", "--no-synthetic"], cwd=ROOT, env=ds_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "fidelity.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[1]["eval_only"] and rows[1]["step"] == row["step"]
+    assert set(rows[1]["auroc"]) == {"stackedmnist"}
+    r = subprocess.run([sys.executable, "bench/fidelity.py", "--plot", str(tmp_path / "curves.png"), str(run)],
+                       cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "curves.png").is_file() and (tmp_path / "curves-grids.png").is_file()
+
+
+class _Flat(torch.nn.Module):
+    """A network on images seen through flat vectors: the 2-D (toy) shape of every tensor the losses handle."""
+
+    def __init__(self, net, shape):
+        super().__init__()
+        self.net, self.shape = net, shape
+
+    def forward(self, x, k, *rest):
+        out = self.net(x.view(-1, *self.shape), k, *rest)
+        return out if out.dim() == 1 else out.flatten(1)
+
+
+class _FlatEncoder(_Flat):
+    def forward(self, x_k, x_k1, k):
+        return self.net(x_k.view(-1, *self.shape), x_k1.view(-1, *self.shape), k)
+
+
+@pytest.mark.parametrize("ablation", ["full", "no_latent", "kl_only", "kl_no_entropy"])
+def test_image_losses_equal_their_flat_form(ablation):
+    """Every term of both objectives on [B, C, H, W] images equals the same term on the same pixels as flat rows
+    (the toy path's shape): the schedule's broadcasting, the posterior, log N(x_{k+1}; a·x_k, σ²), R1 with the
+    transition score, the recon variance and the encoder terms agree, values and gradients."""
+    from ddaebm.config import load_config
+    from ddaebm.diffusion.schedule import build_schedule
+    from ddaebm.losses import ABLATIONS, draw_step_batch, energy_loss, generator_loss
+    from ddaebm.networks import GeneratorEncoder, build_energy, build_generator_encoder
+
+    cfg = load_config(CONFIGS / "small" / "fashion32.yaml", ["model.nf=8", f"loss.ablation={ablation}"])
+    terms, s = ABLATIONS[ablation], build_schedule(cfg.diffusion)
+    torch.manual_seed(0)
+    energy, gen_enc = build_energy(cfg.model), build_generator_encoder(cfg.model, terms.encoder)
+    with torch.no_grad():  # away from the zero output convs, so that every term and gradient is non-trivial
+        for p in [*energy.parameters(), *gen_enc.parameters()]:
+            p.add_(0.02 * torch.randn_like(p))
+    shape = (1, 32, 32)
+    flat_gen_enc = GeneratorEncoder(_Flat(gen_enc.generator, shape),
+                                    _FlatEncoder(gen_enc.encoder, shape) if terms.encoder else None)
+    x0 = torch.rand(6, *shape) * 2 - 1
+    results = []
+    for e, ge, data in ((energy, gen_enc, x0), (_Flat(energy, shape), flat_gen_enc, x0.flatten(1))):
+        b = draw_step_batch(data, s, ge.generator, terms, cfg.model.nz, torch.Generator().manual_seed(3))
+        loss_d, stats_d = energy_loss(e, s, b, cfg.loss)
+        grads_d = torch.autograd.grad(loss_d, list(energy.parameters()))
+        loss_g, stats_g = generator_loss(e, ge, s, b, cfg.loss, terms)
+        grads_g = torch.autograd.grad(loss_g, list(gen_enc.parameters()), allow_unused=True)
+        results.append(({**stats_d, **stats_g}, grads_d, grads_g))
+    (stats_img, gd_img, gg_img), (stats_flat, gd_flat, gg_flat) = results
+    assert stats_img.keys() == stats_flat.keys()
+    for key in stats_img:
+        assert torch.allclose(stats_img[key], stats_flat[key], rtol=1e-5, atol=1e-4), key
+    for a, b in zip([*gd_img, *gg_img], [*gd_flat, *gg_flat]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
