@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SLICE_SECONDS = 60.0  # longest training slice: the s/it estimate (the last slice's) is corrected this often
 STATE = "fidelity-state.json"
 ROWS = "fidelity.jsonl"
+FLOOR = "floor.jsonl"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-eval-at-start", action="store_true", help="skip the evaluation of a fresh run at step 0")
     p.add_argument("--eval-only", action="store_true",
                    help="no training: evaluate the run's newest checkpoint once (e.g. the final 10,000-sample FID)")
+    p.add_argument("--floor", action="store_true",
+                   help="no model: the same measurements on real training images (FID at --num and at 1,000, modes "
+                        "with --modes-mnist), one row to RUN_DIR/floor.jsonl; --plot draws a dir holding one as "
+                        "horizontal lines")
     p.add_argument("--num", type=int, default=10_000, help="FID samples (0: no FID)")
     p.add_argument("--refine-num", type=int, default=None, help="of those, refined for fid_refine (default: all)")
     p.add_argument("--ref", help="FID reference ROOT:NAME:SPLIT (default: the config's data at split test)")
@@ -156,6 +161,21 @@ def run(args) -> int:
         lock.release()
 
 
+def floor(cfg, args, plan, extractor) -> int:
+    from bench.fidelity_eval import floor_row
+
+    t0 = time.perf_counter()
+    row = {"label": "real data", "config": args.config, **floor_row(cfg, plan, extractor)}
+    row["eval_seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    row["utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with open(args.run_dir / FLOOR, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print("[fidelity] floor: " + ", ".join(
+        [f"FID({n}) {v:.2f}" for n, v in row.get("fid", {}).items()]
+        + [f"{k} {row[k]:.4g}" for k in ("modes", "kl") if row.get(k) is not None]), flush=True)
+    return 0
+
+
 def run_locked(args) -> int:
     from ddaebm.config import load_config
     from ddaebm.training.loop import build_trainer, prepare_run
@@ -167,6 +187,8 @@ def run_locked(args) -> int:
         from ddaebm.metrics.inception import FeatureExtractor
 
         extractor = FeatureExtractor(args.inception, "cpu", batch=50)
+    if args.floor:
+        return floor(cfg, args, plan, extractor)
     resume = prepare_run(cfg, args.run_dir)
     if args.eval_only and resume is None:
         raise SystemExit(f"--eval-only: {args.run_dir} holds no checkpoint")
@@ -217,6 +239,9 @@ def plot(out: Path, run_dirs: list[Path], labels: list[str] | None, x: str = "mi
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    floors = [json.loads(line) for d in run_dirs if (Path(d) / FLOOR).is_file() and not (Path(d) / ROWS).is_file()
+              for line in (Path(d) / FLOOR).read_text().splitlines() if line.strip()]
+    run_dirs = [d for d in run_dirs if (Path(d) / ROWS).is_file() or not (Path(d) / FLOOR).is_file()]
     runs = [read_rows(d) for d in run_dirs]
     labels = labels or [rows[-1].get("label", Path(d).name) if rows else Path(d).name for d, rows in zip(run_dirs, runs)]
     with_modes = any("modes" in r for rows in runs for r in rows)
@@ -238,6 +263,13 @@ def plot(out: Path, run_dirs: list[Path], labels: list[str] | None, x: str = "mi
                          label=f"{label} vs {name}")
         if with_modes:
             axes[2].plot(t, [r.get("modes") for r in rows], "-o", color=c, ms=3, label=label)
+    for row in floors:  # real data: what a perfect generator scores with the same code
+        for num, value in row.get("fid", {}).items():
+            axes[0].axhline(value, color="gray", ls=":", lw=1)
+            axes[0].annotate(f"real data, N={num}", (1, value), xycoords=("axes fraction", "data"), ha="right",
+                             va="bottom", fontsize=7, color="gray")
+        if with_modes and row.get("modes") is not None:
+            axes[2].axhline(row["modes"], color="gray", ls=":", lw=1, label="real data")
     xlabel = "training minutes" if x == "minutes" else "thousands of images seen"
     axes[0].set(xlabel=xlabel, ylabel="FID (dashed: with refinement)", yscale="log", title="FID")
     axes[1].set(xlabel=xlabel, ylabel="AUROC of f(x, 0)", ylim=(0, 1.02), title="OOD AUROC")

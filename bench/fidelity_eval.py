@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ddaebm.data.pixels import save_grid, to_uint8
-from ddaebm.metrics.fid import Moments, eval_mode, fid_from_stats, reference_stats
+from ddaebm.metrics.fid import Moments, eval_mode, fid_from_stats, reference_stats, split_images
 from ddaebm.metrics.ood import auroc, energy_scores, parse_set, set_scores
 from ddaebm.sampling import refine
 
@@ -127,13 +127,12 @@ def ood_part(model, plan: EvalPlan) -> dict:
             "energy_ema": bool(use_ema and model.averaged is not None)}
 
 
-def modes_part(model, plan: EvalPlan) -> dict:
-    """{"modes", "kl", ...} of plan.modes_num samples against the training shards' label distribution."""
+def modes_of(cfg, plan: EvalPlan, images) -> dict:
+    """{"modes", "kl", ...} of uint8 image batches against the training shards' (or the uniform) label distribution."""
     from ddaebm.data.images import load_labels
     from ddaebm.metrics.stackedmnist import (NUM_MODES, classifier_for, label_counts, label_distribution,
                                              mode_stats, stacked_labels)
 
-    cfg = model.cfg
     root, name = plan.modes_mnist.rsplit(":", 1)
     with torch.enable_grad():  # trained on first use (then cached), inside evaluate's no_grad
         classifier, info = classifier_for(root, name, epochs=plan.classifier_epochs, loader=cfg.data.loader,
@@ -142,13 +141,51 @@ def modes_part(model, plan: EvalPlan) -> dict:
         p_data = np.full(NUM_MODES, 1.0 / NUM_MODES)
     else:
         p_data = label_distribution(load_labels(cfg.data.root, cfg.data.dataset, cfg.data.split))
-    counts = np.zeros(len(p_data))
-    for _, x in samples(model, plan, plan.modes_num):
-        counts += label_counts(stacked_labels(classifier, to_uint8(x, cfg.data.preprocess)))
+    counts, n = np.zeros(len(p_data)), 0
+    for batch in images:
+        counts += label_counts(stacked_labels(classifier, batch))
+        n += len(batch)
     stats = mode_stats(counts, p_data)
     return {"modes": stats["modes"], "kl": stats["kl"] if np.isfinite(stats["kl"]) else None,
-            "modes_num": plan.modes_num, "modes_p": plan.modes_p,
-            "classifier_test_accuracy": info["test_accuracy"]}
+            "modes_num": n, "modes_p": plan.modes_p, "classifier_test_accuracy": info["test_accuracy"]}
+
+
+def modes_part(model, plan: EvalPlan) -> dict:
+    """modes_of `plan.modes_num` EMA (or raw) samples."""
+    return modes_of(model.cfg, plan, (to_uint8(x, model.cfg.data.preprocess) for _, x in samples(model, plan,
+                                                                                                 plan.modes_num)))
+
+
+def floor_row(cfg, plan: EvalPlan, extractor=None) -> dict:
+    """The measurements of a row on real images instead of samples: what a perfect generator would score here.
+
+    FID of the first `plan.num` images of the training split (also at 1,000 when `plan.num` is larger: the in-loop
+    rows' sample count, whose small-sample bias the curves carry) against the same reference as the runs' rows;
+    for StackedMNIST the covered modes and reverse KL of `plan.modes_num` training samples, classified as samples are.
+    """
+    row, seconds = {"floor": True, "data": default_set(cfg, "train")}, {}
+    size = cfg.data.resolution or cfg.model.image_size
+    if plan.num > 0:
+        t0 = time.perf_counter()
+        ref = plan.ref or default_set(cfg)
+        stats, _, _ = reference_stats(*parse_set(ref), size, cfg.model.channels, extractor, plan.ref_num,
+                                      Path(plan.cache) if plan.cache else None, plan.batch, cfg.data.loader,
+                                      cfg.data.workers)
+        row.update(ref=ref, ref_num=stats.num, extractor=extractor.id, fid={})
+        for num in sorted({plan.num, min(plan.num, 1000)}):
+            real, _, _ = reference_stats(cfg.data.root, cfg.data.dataset, "train", size, cfg.model.channels,
+                                         extractor, num, Path(plan.cache) if plan.cache else None, plan.batch,
+                                         cfg.data.loader, cfg.data.workers)
+            row["fid"][str(num)] = fid_from_stats(real, stats)
+        seconds["fid"] = round(time.perf_counter() - t0, 1)
+    if plan.modes_mnist and plan.modes_num > 0:
+        t0 = time.perf_counter()
+        row.update(modes_of(cfg, plan, split_images(cfg.data.root, cfg.data.dataset, "train", size,
+                                                    cfg.model.channels, plan.batch, plan.modes_num, cfg.data.loader,
+                                                    cfg.data.workers)))
+        seconds["modes"] = round(time.perf_counter() - t0, 1)
+    row["eval_seconds"] = seconds
+    return row
 
 
 def evaluate(model, plan: EvalPlan, extractor=None, grid_dir: Path | None = None) -> dict:

@@ -175,8 +175,18 @@ def test_fidelity_evaluation_row_on_a_tiny_run(tmp_path):
     rows = [json.loads(line) for line in (run / "fidelity.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[1]["eval_only"] and rows[1]["step"] == row["step"]
     assert set(rows[1]["auroc"]) == {"stackedmnist"}
-    r = subprocess.run([sys.executable, "bench/fidelity.py", "--plot", str(tmp_path / "curves.png"), str(run)],
-                       cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=120)
+    # --floor: the same measurements on real training images (no model), drawn by --plot as horizontal lines.
+    floor_dir = tmp_path / "floor"
+    floor_cmd = [c for c in cmd if c not in ("--no-eval-at-start",)]
+    floor_cmd[floor_cmd.index("--run-dir") + 1] = str(floor_dir)
+    r = subprocess.run(floor_cmd + ["--floor"], cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (floor,) = [json.loads(line) for line in (floor_dir / "floor.jsonl").read_text().splitlines()]
+    assert floor["floor"] and set(floor["fid"]) == {"12"} and floor["ref_num"] == 40 and floor["modes_num"] == 20
+    assert _finite(floor) and 0 <= floor["fid"]["12"] < row["fid"]  # real digits sit closer than 3-step samples
+    assert 1 <= floor["modes"] <= 20 and not (floor_dir / "checkpoints").exists()
+    r = subprocess.run([sys.executable, "bench/fidelity.py", "--plot", str(tmp_path / "curves.png"), str(run),
+                        str(floor_dir)], cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "curves-grids.png").is_file()
 
