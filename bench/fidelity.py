@@ -24,7 +24,7 @@ FID of a run whose in-loop rows used fewer).
 
 Cost on this machine (1 thread, shared 2-core CPU): TF-Inception takes ~0.4 s per image, so an FID of 10,000
 samples (and the refined one) costs over an hour each, and the 10,000-image reference statistics are computed once
-and cached (`--cache`). The issue's runs and their figures: the end of this docstring.
+and cached (`--cache`). The issue's runs: `bash bench/fidelity_runs.sh RUNS DATA` (resumable); their figures: README.
 """
 
 from __future__ import annotations
