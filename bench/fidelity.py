@@ -22,9 +22,9 @@ per run labelled by its ablation (or `--labels`; `--eval-only` rows as stars), a
 each run side by side. `--eval-only` evaluates the newest checkpoint once without training (the final 10,000-sample
 FID of a run whose in-loop rows used fewer).
 
-Cost on this machine (1 thread, shared 2-core CPU): TF-Inception takes ~0.4 s per image, so an FID of 10,000
-samples (and the refined one) costs over an hour each, and the 10,000-image reference statistics are computed once
-and cached (`--cache`). The issue's runs: `bash bench/fidelity_runs.sh RUNS DATA` (resumable); their figures: README.
+Cost on this machine: TF-Inception takes 0.12 s per image on one idle core (0.07 on two, up to 0.4 on a core shared
+with training), so an FID of 10,000 samples costs 20 minutes or more (and as much again refined): in-loop rows use
+fewer samples, the final one 10,000. The reference statistics are computed once and cached (`--cache`). The issue's runs: `bash bench/fidelity_runs.sh RUNS DATA` (resumable); their figures: README.
 """
 
 from __future__ import annotations
