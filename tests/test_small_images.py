@@ -175,6 +175,14 @@ def test_fidelity_evaluation_row_on_a_tiny_run(tmp_path):
     rows = [json.loads(line) for line in (run / "fidelity.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[1]["eval_only"] and rows[1]["step"] == row["step"]
     assert set(rows[1]["auroc"]) == {"stackedmnist"}
+    # bench/fidelity_probe.py: one finite row per step k, with the encoder's columns (the full model has one).
+    r = subprocess.run([sys.executable, "bench/fidelity_probe.py", str(run), "--num", "6", "--split", "train",
+                        "--out", str(tmp_path / "probe.jsonl")], cwd=ROOT, env=ds_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    probe = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert [p["k"] for p in probe] == [0, 1, 2, 3] and all(p["step"] == row["step"] for p in probe)
+    assert all(_finite(p) and 0 <= p["auc_f"] <= 1 and p["kl_post"] >= 0 and p["z_spread"] > 0 for p in probe)
     # --floor: the same measurements on real training images (no model), drawn by --plot as horizontal lines.
     floor_dir = tmp_path / "floor"
     floor_cmd = [c for c in cmd if c not in ("--no-eval-at-start",)]

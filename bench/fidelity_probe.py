@@ -1,0 +1,138 @@
+"""Per-step diagnostics of a trained image run (issue 21's hypotheses): is each part of the method doing its job?
+
+    python bench/fidelity_probe.py RUN_DIR [--num 256] [--raw] [--seed 0] [--split test] [--out FILE.jsonl]
+
+On `num` real images of the run's data (split `--split`) and, for every step k, one draw of (x_k, x_{k+1}) from the
+forward process (method.md §1.5) and of z from the prior, it prints one line per k (and appends them as JSON):
+
+- `f_gap`: mean f(x_k, k) on real x_k minus on the generator's x̃_k; `auc_f`: how well f alone ranks real above
+  fake (0.5: the energy cannot tell them apart), `auc_cond`: the same for the conditional energy
+  f(x, k) + log N(x_{k+1}; a·x, σ²), the quantity the energy is trained on (method.md §2).
+- `grad_rms`: RMS per pixel of ∇_x f(x_k, k) on real data, against `score_rms`, that of the transition score
+  (what R1's excess is measured against, method.md §6).
+- `mse_prior`, `mse_post`: per-pixel squared error of G(x_{k+1}, k, z) against the x₀ that made x_{k+1}, with z from
+  the prior and with z = the encoder's posterior mean: an encoder that carries information lowers the second;
+  `mse_mean`: the same for the posterior mean of the data given x_{k+1} estimated by the best denoiser we have
+  (the generator's own average over 8 prior z's), the floor a z-blind generator would reach.
+- `kl_post`: KL(q(z | x_k, x_{k+1}) ‖ N(0, I)) in nats (0: the posterior ignores its inputs), `post_std`: the
+  posterior's mean standard deviation.
+- `z_spread`: per-pixel standard deviation of G(x_{k+1}, k, z) over 8 prior z's for one x_{k+1} (0: z is ignored,
+  the generator is deterministic, the no-latent ablation's mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+Z_DRAWS = 8
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python bench/fidelity_probe.py", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--num", type=int, default=256, help="real images (default 256)")
+    p.add_argument("--raw", action="store_true", help="the raw networks instead of the EMA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", type=Path, help="append the rows to this JSONL")
+    return p.parse_args(argv)
+
+
+def real_images(cfg, split: str, num: int) -> torch.Tensor:
+    from ddaebm.data.images import iterate_split
+
+    size = cfg.data.resolution or cfg.model.image_size
+    chunks, have = [], 0
+    for x, _ in iterate_split(cfg.data.root, cfg.data.dataset, split, min(num, 256), size, cfg.model.channels,
+                              cfg.data.preprocess, cfg.data.loader, 0):
+        chunks.append(x)
+        have += len(x)
+        if have >= num:
+            break
+    return torch.cat(chunks)[:num].float()
+
+
+def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    from ddaebm.metrics.ood import auroc
+
+    return float(auroc(pos.double().numpy(), neg.double().numpy()))
+
+
+def per_pixel(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(1)
+
+
+def probe_step(model, gen_enc, energy, x0: torch.Tensor, k: int, g: torch.Generator) -> dict:
+    """One row of the module docstring for step k."""
+    from ddaebm.diffusion.schedule import diffuse_pair, log_transition, posterior_sample, transition_score
+    from ddaebm.losses import kl_to_standard_normal
+
+    s, nz, n = model.schedule, model.cfg.model.nz, len(x0)
+    ks = torch.full((n,), k, dtype=torch.long)
+    x_k, x_k1 = diffuse_pair(s, x0, ks, torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g))
+    zs = torch.randn((Z_DRAWS, n, nz), generator=g)
+    if not model.terms.latent:
+        zs.zero_()
+    with torch.no_grad():
+        x0_fakes = torch.stack([gen_enc.generator(x_k1, ks, z) for z in zs])
+        x_fake = posterior_sample(s, x0_fakes[0], x_k1, ks, torch.randn(x0.shape, generator=g))
+        f_fake = energy(x_fake, ks)
+        cond_fake = f_fake + log_transition(s, x_fake, x_k1, ks)
+    x_real = x_k.clone().requires_grad_(True)
+    f_real = energy(x_real, ks)
+    (grad,) = torch.autograd.grad(f_real.sum(), x_real)
+    f_real = f_real.detach()
+    cond_real = f_real + log_transition(s, x_k, x_k1, ks)
+    row = {"k": k, "f_real": float(f_real.mean()), "f_fake": float(f_fake.mean()),
+           "f_gap": float(f_real.mean() - f_fake.mean()), "auc_f": auc(f_real, f_fake),
+           "auc_cond": auc(cond_real, cond_fake),
+           "grad_rms": float(grad.square().mean().sqrt()),
+           "score_rms": float(transition_score(s, x_k, x_k1, ks).square().mean().sqrt()),
+           "mse_prior": float(per_pixel((x0_fakes[0] - x0).square()).mean()),
+           "mse_mean": float(per_pixel((x0_fakes.mean(0) - x0).square()).mean()),
+           "z_spread": float(x0_fakes.std(0).mean())}
+    if model.terms.encoder and gen_enc.encoder is not None:
+        with torch.no_grad():
+            mu, logvar = gen_enc.encoder(x_k, x_k1, ks)
+            row["mse_post"] = float(per_pixel((gen_enc.generator(x_k1, ks, mu) - x0).square()).mean())
+            row["kl_post"] = float(kl_to_standard_normal(mu, logvar).mean())
+            row["post_std"] = float(torch.exp(0.5 * logvar).mean())
+    return row
+
+
+def main(argv=None) -> int:
+    from ddaebm.model import Model
+    from ddaebm.metrics.fid import eval_mode
+
+    args = parse_args(argv)
+    model = Model.from_run(args.run_dir, torch.device("cpu"))
+    gen_enc, energy = model.sampling_networks(not args.raw)
+    if not args.raw and model.averaged is not None and model.terms.encoder:
+        gen_enc = model.averaged["generator"]  # the EMA copy holds the encoder too
+    x0 = real_images(model.cfg, args.split, args.num)
+    rows = []
+    with eval_mode(model):
+        for k in range(model.schedule.num_steps):
+            g = torch.Generator().manual_seed(args.seed * 1000 + k)
+            row = {"run": str(args.run_dir), "step": model.step, "ablation": model.cfg.loss.ablation,
+                   "ema": not args.raw, **probe_step(model, gen_enc, energy, x0, k, g)}
+            rows.append(row)
+            print("  ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
+                            for key, v in row.items() if key not in ("run",)), flush=True)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())
