@@ -8,8 +8,8 @@
 # DATA holds the shard sets fashion32 (fashion-{train,test}), mnist32 and mnist28 (mnist-{train,test}) and
 # stackedmnist (stackedmnist-{train,test}); missing ones are written first from /usr/share/datasets/fashion-mnist
 # and MNIST_10K (default ../shared/data/mnist-10k). STEPS (default 10000) bounds every run; MINUTES (default 240)
-# is the wall-clock guard. In-loop rows use 1,000 FID samples (500 refined) every 15 training minutes; the final
-# 10,000-sample FIDs are one --eval-only row per run at the end.
+# is the wall-clock guard. In-loop rows use 1,000 FID samples (500 refined) every 20 training minutes (one takes
+# 5-10 minutes beside a training run); the final 10,000-sample FIDs are one --eval-only row per run at the end.
 set -euo pipefail
 RUNS=${1:?RUNS dir}
 DATA=${2:?DATA dir}
@@ -37,7 +37,7 @@ done
 [ -f "$DATA/stackedmnist/stackedmnist-test.json" ] || python -m data_shards stackedmnist --input "$MNIST10K" \
     --out "$DATA/stackedmnist" --name stackedmnist --split test --num-samples 10000 --seed 1
 
-EVAL=(--eval-every 15 --no-eval-at-start --num 1000 --refine-num 500 --ref-num 10000)
+EVAL=(--eval-every 20 --no-eval-at-start --num 1000 --refine-num 500 --ref-num 10000)
 fashion() {  # ABLATION
     OMP_NUM_THREADS=1 python bench/fidelity.py configs/small/fashion32.yaml --run-dir "$RUNS/fashion-$1" \
         --minutes "$MINUTES" "${EVAL[@]}" --ood "$DATA/mnist32:mnist:test" "loss.ablation=$1" \
@@ -45,7 +45,7 @@ fashion() {  # ABLATION
 }
 smnist() {
     OMP_NUM_THREADS=1 python bench/fidelity.py configs/small/stackedmnist.yaml --run-dir "$RUNS/stackedmnist-full" \
-        --minutes "$MINUTES" --eval-every 15 --no-eval-at-start --num 0 --modes-mnist "$DATA/mnist28:mnist" \
+        --minutes "$MINUTES" --eval-every 20 --no-eval-at-start --num 0 --modes-mnist "$DATA/mnist28:mnist" \
         "data.root=$DATA/stackedmnist" "train.steps=$STEPS" >> "$RUNS/stackedmnist-full.log" 2>&1
 }
 final() {  # RUN_DIR CONFIG [args]: the 10,000-sample FID of the newest checkpoint, once
