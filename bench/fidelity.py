@@ -24,7 +24,8 @@ FID of a run whose in-loop rows used fewer).
 
 Cost on this machine: TF-Inception takes 0.12 s per image on one idle core (0.07 on two, up to 0.4 on a core shared
 with training), so an FID of 10,000 samples costs 20 minutes or more (and as much again refined): in-loop rows use
-fewer samples, the final one 10,000. The reference statistics are computed once and cached (`--cache`). The issue's runs: `bash bench/fidelity_runs.sh RUNS DATA` (resumable); their figures: README.
+fewer samples, the final one 10,000. The reference statistics are computed once and cached (`--cache`).
+The issue's runs: `bash bench/fidelity_runs.sh RUNS DATA` (resumable); their figures: README.
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ def plot(out: Path, run_dirs: list[Path], labels: list[str] | None, x: str = "mi
               for line in (Path(d) / FLOOR).read_text().splitlines() if line.strip()]
     run_dirs = [d for d in run_dirs if (Path(d) / ROWS).is_file() or not (Path(d) / FLOOR).is_file()]
     runs = [read_rows(d) for d in run_dirs]
-    labels = labels or [rows[-1].get("label", Path(d).name) if rows else Path(d).name for d, rows in zip(run_dirs, runs)]
+    labels = labels or [rows[-1].get("label", Path(d).name) if rows else Path(d).name
+                        for d, rows in zip(run_dirs, runs)]
     with_modes = any("modes" in r for rows in runs for r in rows)
     fig, axes = plt.subplots(1, 3 if with_modes else 2, figsize=(15 if with_modes else 10, 4), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -18,6 +18,11 @@ forward process (method.md §1.5) and of z from the prior, it prints one line pe
   posterior's mean standard deviation.
 - `z_spread`: per-pixel standard deviation of G(x_{k+1}, k, z) over 8 prior z's for one x_{k+1} (0: z is ignored,
   the generator is deterministic, the no-latent ablation's mode).
+
+`--ood ROOT:NAME:SPLIT`: one more line, on whether f(x, 0) is an input-complexity score (Serrà et al., ICLR 2020:
+likelihoods rank simple images high). The AUROC (in-distribution = `--split`) of f, of minus the ink (the sum of
+pixel intensities) and of minus the PNG size (a complexity estimate) alone, and Spearman's rank correlation of f with
+the PNG size over both sets together: an f that only counted complexity would score like −PNG and correlate ≈ −1.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--raw", action="store_true", help="the raw networks instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="test")
+    p.add_argument("--ood", help="ROOT:NAME:SPLIT of an out-of-distribution set: the complexity line")
     p.add_argument("--out", type=Path, help="append the rows to this JSONL")
     return p.parse_args(argv)
 
@@ -68,6 +74,41 @@ def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
 
 def per_pixel(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(1)
+
+
+def png_bytes(x: torch.Tensor) -> np.ndarray:
+    """Optimised PNG size of each image in [−1, 1] [N, C, H, W]: a complexity estimate."""
+    import io
+
+    from PIL import Image
+
+    from ddaebm.data.pixels import to_uint8
+
+    sizes = []
+    for image in to_uint8(x, "minus_one_one"):
+        buf = io.BytesIO()
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, "PNG", optimize=True)
+        sizes.append(len(buf.getvalue()))
+    return np.asarray(sizes, np.float64)
+
+
+def energies(energy, x: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([energy(c, torch.zeros(len(c), dtype=torch.long)) for c in x.split(batch)])
+
+
+def complexity_row(energy, x_in: torch.Tensor, x_out: torch.Tensor) -> dict:
+    """The --ood line of the module docstring."""
+    from scipy.stats import spearmanr
+
+    f_in, f_out = energies(energy, x_in), energies(energy, x_out)
+    png_in, png_out = png_bytes(x_in), png_bytes(x_out)
+    ink = lambda x: (x + 1).flatten(1).sum(1) / 2  # noqa: E731
+    return {"auc_f": auc(f_in, f_out), "auc_minus_ink": auc(-ink(x_in), -ink(x_out)),
+            "auc_minus_png": auc(torch.from_numpy(-png_in), torch.from_numpy(-png_out)),
+            "spearman_f_png": float(spearmanr(torch.cat([f_in, f_out]).numpy(),
+                                              np.concatenate([png_in, png_out]))[0]),
+            "mean_f_in": float(f_in.mean()), "mean_f_out": float(f_out.mean())}
 
 
 def probe_step(model, gen_enc, energy, x0: torch.Tensor, k: int, g: torch.Generator) -> dict:
@@ -127,6 +168,18 @@ def main(argv=None) -> int:
             rows.append(row)
             print("  ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
                             for key, v in row.items() if key not in ("run",)), flush=True)
+    if args.ood:
+        from dataclasses import replace
+
+        from ddaebm.metrics.ood import parse_set
+
+        root, name, split = parse_set(args.ood)
+        cfg_out = replace(model.cfg, data=replace(model.cfg.data, root=root, dataset=name))
+        row = {"run": str(args.run_dir), "step": model.step, "ablation": model.cfg.loss.ablation, "ema": not args.raw,
+               "ood": args.ood, **complexity_row(energy, x0, real_images(cfg_out, split, args.num))}
+        rows.append(row)
+        print("  ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
+                        for key, v in row.items() if key not in ("run",)), flush=True)
     if args.out:
         with open(args.out, "a") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)

@@ -154,7 +154,8 @@ def test_fidelity_evaluation_row_on_a_tiny_run(tmp_path):
     cmd = [sys.executable, "bench/fidelity.py", str(CONFIGS / "small" / "stackedmnist.yaml"), "--run-dir", str(run),
            "--minutes", "0.02", "--no-eval-at-start", "--num", "12", "--refine-num", "6", "--ood-num", "30",
            "--ood", f"{tmp_path / 'stackedmnist'}:stackedmnist:train", "--modes-mnist", f"{mnist}:mnist",
-           "--modes-num", "20", "--modes-p", "uniform", "--classifier-epochs", "1", "--eval-batch", "8", "--cache", str(tmp_path / "cache"),
+           "--modes-num", "20", "--modes-p", "uniform", "--classifier-epochs", "1", "--eval-batch", "8",
+           "--cache", str(tmp_path / "cache"),
            "--inception", str(_tiny_extractor(tmp_path / "features.pt")), f"data.root={data}", "data.batch=4",
            "model.nf=8", "train.steps=3"]
     r = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=300)
@@ -177,10 +178,13 @@ def test_fidelity_evaluation_row_on_a_tiny_run(tmp_path):
     assert set(rows[1]["auroc"]) == {"stackedmnist"}
     # bench/fidelity_probe.py: one finite row per step k, with the encoder's columns (the full model has one).
     r = subprocess.run([sys.executable, "bench/fidelity_probe.py", str(run), "--num", "6", "--split", "train",
-                        "--out", str(tmp_path / "probe.jsonl")], cwd=ROOT, env=ds_env(), capture_output=True,
-                       text=True, timeout=120)
+                        "--ood", f"{tmp_path / 'stackedmnist'}:stackedmnist:test",
+                        "--out", str(tmp_path / "probe.jsonl")],
+                       cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    probe = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    *probe, complexity = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert _finite(complexity) and all(0 <= complexity[key] <= 1 for key in ("auc_f", "auc_minus_ink", "auc_minus_png"))
+    assert -1 <= complexity["spearman_f_png"] <= 1
     assert [p["k"] for p in probe] == [0, 1, 2, 3] and all(p["step"] == row["step"] for p in probe)
     assert all(_finite(p) and 0 <= p["auc_f"] <= 1 and p["kl_post"] >= 0 and p["z_spread"] > 0 for p in probe)
     # --floor: the same measurements on real training images (no model), drawn by --plot as horizontal lines.
