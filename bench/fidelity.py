@@ -11,7 +11,8 @@ minutes are wall-clock seconds inside `train`, evaluations excluded, kept in DIR
 `--eval-every` training minutes, at the start of a fresh run and when the budget or `train.steps` is reached, one
 row goes to DIR/fidelity.jsonl (bench/fidelity_eval.py says what each part measures):
 
-    step, train_minutes, images_seen, s_per_it, fid, fid_refine (num / refine_num samples against ref / ref_num),
+    step, train_minutes, images_seen, s_per_it, fid (num samples against ref / ref_num), fid_refine and
+    fid_refine_base (the first refine_num samples refined and not),
     auroc {mnist, uniform, constant, ...}, mean_f {in, ...}, [modes, kl], eval_seconds, label, ablation, utc
 
 and 64-sample grids to DIR/fidelity/grid-<step>.png (refined: grid-refine-<step>.png). Every variant of the paper's
@@ -142,7 +143,7 @@ def evaluate_row(trainer, args, plan, extractor, state: dict, s_per_it: float | 
     with open(args.run_dir / ROWS, "a") as fh:
         fh.write(json.dumps(row) + "\n")
     print(f"[fidelity] step {row['step']} at {row['train_minutes']:.1f} training min: "
-          + ", ".join(f"{k} {row[k]:.4g}" for k in ("fid", "fid_refine", "modes", "kl") if row.get(k) is not None)
+          + ", ".join(f"{k} {row[k]:.4g}" for k in ("fid", "fid_refine", "fid_refine_base", "modes", "kl") if row.get(k) is not None)
           + ", AUROC " + ", ".join(f"{k} {v:.3f}" for k, v in row["auroc"].items())
           + f" ({row['eval_seconds']['total']:.0f} s)", flush=True)
     return row

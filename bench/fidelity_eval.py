@@ -7,7 +7,8 @@ evaluation leaves the training run's random streams where they were.
 
 - FID (method.md §10): `num` EMA samples (4 NFE) quantised to uint8 in memory, TF-Inception pool3 features
   (ddaebm.metrics.inception), against the reference statistics of a shard split (cached by ddaebm.metrics.fid);
-  `fid_refine`: the same samples after one refinement step x + s·∇f(x, 0), s = sample.refine_step (method.md §7.2).
+  `fid_refine`: the first `refine_num` of them after one refinement step x + s·∇f(x, 0), s = sample.refine_step
+  (method.md §7.2), and `fid_refine_base` the same `refine_num` samples unrefined, its like-for-like baseline.
 - OOD (method.md §7.4): AUROC of f(x, 0), in-distribution positive, against each shard set given and against two
   synthetic sets of the in-distribution set's size: uniform noise U(−1, 1) per pixel, and constant images (one
   value U(−1, 1) per image).
@@ -74,14 +75,16 @@ def fid_part(model, plan: EvalPlan, extractor, grid_dir: Path | None, step: int)
                                   extractor, plan.ref_num, Path(plan.cache) if plan.cache else None, plan.batch,
                                   cfg.data.loader, cfg.data.workers)
     _, energy = model.sampling_networks(plan.use_ema)
-    plain, refined = Moments(), Moments()
+    plain, refined, unrefined = Moments(), Moments(), Moments()
     grid = grid_refined = None
     for idx, x in samples(model, plan, plan.num):
         images = to_uint8(x, cfg.data.preprocess)
-        plain.add(extractor(images))
+        features = extractor(images)
+        plain.add(features)
         grid = images if grid is None else grid
         keep = [i for i, j in enumerate(idx) if j < plan.refine_num]
         if keep:
+            unrefined.add(features[keep])
             with torch.enable_grad():
                 x_ref = refine(energy, x[keep], cfg.sample.refine_step)
             images_ref = to_uint8(x_ref, cfg.data.preprocess)
@@ -94,6 +97,9 @@ def fid_part(model, plan: EvalPlan, extractor, grid_dir: Path | None, step: int)
     out = {"fid": fid_from_stats(plain.stats(), stats), "num": plan.num, "ref": ref, "ref_num": stats.num,
            "extractor": extractor.id, "refine_step": cfg.sample.refine_step}
     out["fid_refine"] = fid_from_stats(refined.stats(), stats) if refined.n >= 2 else None
+    # The same samples before refinement: FID's small-sample bias grows as 1/N, so with refine_num < num only this
+    # one is comparable with fid_refine.
+    out["fid_refine_base"] = fid_from_stats(unrefined.stats(), stats) if unrefined.n >= 2 else None
     out["refine_num"] = refined.n
     return out
 
