@@ -143,7 +143,8 @@ def evaluate_row(trainer, args, plan, extractor, state: dict, s_per_it: float | 
     with open(args.run_dir / ROWS, "a") as fh:
         fh.write(json.dumps(row) + "\n")
     print(f"[fidelity] step {row['step']} at {row['train_minutes']:.1f} training min: "
-          + ", ".join(f"{k} {row[k]:.4g}" for k in ("fid", "fid_refine", "fid_refine_base", "modes", "kl") if row.get(k) is not None)
+          + ", ".join(f"{k} {row[k]:.4g}" for k in ("fid", "fid_refine", "fid_refine_base", "modes", "kl")
+                      if row.get(k) is not None)
           + ", AUROC " + ", ".join(f"{k} {v:.3f}" for k, v in row["auroc"].items())
           + f" ({row['eval_seconds']['total']:.0f} s)", flush=True)
     return row
