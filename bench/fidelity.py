@@ -115,6 +115,13 @@ def train_slice(cfg, run_dir: Path, trainer, seconds: float, s_per_it: float | N
     return n, time.perf_counter() - t0
 
 
+def append_row(path: Path, row: dict) -> None:
+    """One JSON line, stamped with the UTC time it was written."""
+    row["utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
 def plan_from(args) -> "EvalPlan":  # noqa: F821
     from bench.fidelity_eval import EvalPlan
 
@@ -139,9 +146,7 @@ def evaluate_row(trainer, args, plan, extractor, state: dict, s_per_it: float | 
            "use_ema": not args.raw, "eval_only": final}
     row.update(evaluate(trainer.model, plan, extractor, grid_dir))
     row["eval_seconds"]["total"] = round(time.perf_counter() - t0, 1)
-    row["utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    with open(args.run_dir / ROWS, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    append_row(args.run_dir / ROWS, row)
     print(f"[fidelity] step {row['step']} at {row['train_minutes']:.1f} training min: "
           + ", ".join(f"{k} {row[k]:.4g}" for k in ("fid", "fid_refine", "fid_refine_base", "modes", "kl")
                       if row.get(k) is not None)
@@ -170,9 +175,7 @@ def floor(cfg, args, plan, extractor) -> int:
     t0 = time.perf_counter()
     row = {"label": "real data", "config": args.config, **floor_row(cfg, plan, extractor)}
     row["eval_seconds"]["total"] = round(time.perf_counter() - t0, 1)
-    row["utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    with open(args.run_dir / FLOOR, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    append_row(args.run_dir / FLOOR, row)
     print("[fidelity] floor: " + ", ".join(
         [f"FID({n}) {v:.2f}" for n, v in row.get("fid", {}).items()]
         + [f"{k} {row[k]:.4g}" for k in ("modes", "kl") if row.get(k) is not None]), flush=True)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ddaebm.data.pixels import save_grid, to_uint8
+from ddaebm.data.stream import resolution
 from ddaebm.metrics.fid import Moments, eval_mode, fid_from_stats, reference_stats, split_images
 from ddaebm.metrics.ood import auroc, energy_scores, parse_set, set_scores
 from ddaebm.sampling import refine
@@ -60,6 +61,14 @@ def default_set(cfg, split: str = "test") -> str:
     return f"{cfg.data.root}:{cfg.data.dataset}:{split}"
 
 
+def split_stats(cfg, plan: EvalPlan, extractor, spec: str, num: int | None):
+    """FID statistics of the first `num` images of the shard set `spec` (ROOT:NAME:SPLIT), cached as plan.cache says."""
+    stats, _, _ = reference_stats(*parse_set(spec), resolution(cfg), cfg.model.channels, extractor, num,
+                                  Path(plan.cache) if plan.cache else None, plan.batch, cfg.data.loader,
+                                  cfg.data.workers)
+    return stats
+
+
 def samples(model, plan: EvalPlan, num: int):
     """(indices, images in [−1, 1]) batches of EMA (or raw) samples 0..num−1, sample i from its own seed."""
     for lo in range(0, num, plan.batch):
@@ -71,9 +80,7 @@ def fid_part(model, plan: EvalPlan, extractor, grid_dir: Path | None, step: int)
     """{"fid", "fid_refine", ...}: both FIDs over one pass of generated samples (Inception runs twice per batch)."""
     cfg = model.cfg
     ref = plan.ref or default_set(cfg)
-    stats, _, _ = reference_stats(*parse_set(ref), cfg.data.resolution or cfg.model.image_size, cfg.model.channels,
-                                  extractor, plan.ref_num, Path(plan.cache) if plan.cache else None, plan.batch,
-                                  cfg.data.loader, cfg.data.workers)
+    stats = split_stats(cfg, plan, extractor, ref, plan.ref_num)
     _, energy = model.sampling_networks(plan.use_ema)
     plain, refined, unrefined = Moments(), Moments(), Moments()
     grid = grid_refined = None
@@ -169,26 +176,20 @@ def floor_row(cfg, plan: EvalPlan, extractor=None) -> dict:
     rows' sample count, whose small-sample bias the curves carry) against the same reference as the runs' rows;
     for StackedMNIST the covered modes and reverse KL of `plan.modes_num` training samples, classified as samples are.
     """
-    row, seconds = {"floor": True, "data": default_set(cfg, "train")}, {}
-    size = cfg.data.resolution or cfg.model.image_size
+    train = default_set(cfg, "train")
+    row, seconds = {"floor": True, "data": train}, {}
     if plan.num > 0:
         t0 = time.perf_counter()
         ref = plan.ref or default_set(cfg)
-        stats, _, _ = reference_stats(*parse_set(ref), size, cfg.model.channels, extractor, plan.ref_num,
-                                      Path(plan.cache) if plan.cache else None, plan.batch, cfg.data.loader,
-                                      cfg.data.workers)
+        stats = split_stats(cfg, plan, extractor, ref, plan.ref_num)
         row.update(ref=ref, ref_num=stats.num, extractor=extractor.id, fid={})
         for num in sorted({plan.num, min(plan.num, 1000)}):
-            real, _, _ = reference_stats(cfg.data.root, cfg.data.dataset, "train", size, cfg.model.channels,
-                                         extractor, num, Path(plan.cache) if plan.cache else None, plan.batch,
-                                         cfg.data.loader, cfg.data.workers)
-            row["fid"][str(num)] = fid_from_stats(real, stats)
+            row["fid"][str(num)] = fid_from_stats(split_stats(cfg, plan, extractor, train, num), stats)
         seconds["fid"] = round(time.perf_counter() - t0, 1)
     if plan.modes_mnist and plan.modes_num > 0:
         t0 = time.perf_counter()
-        row.update(modes_of(cfg, plan, split_images(cfg.data.root, cfg.data.dataset, "train", size,
-                                                    cfg.model.channels, plan.batch, plan.modes_num, cfg.data.loader,
-                                                    cfg.data.workers)))
+        row.update(modes_of(cfg, plan, split_images(*parse_set(train), resolution(cfg), cfg.model.channels,
+                                                    plan.batch, plan.modes_num, cfg.data.loader, cfg.data.workers)))
         seconds["modes"] = round(time.perf_counter() - t0, 1)
     row["eval_seconds"] = seconds
     return row

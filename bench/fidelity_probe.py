@@ -54,11 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def real_images(cfg, split: str, num: int) -> torch.Tensor:
     from ddaebm.data.images import iterate_split
+    from ddaebm.data.stream import resolution
 
-    size = cfg.data.resolution or cfg.model.image_size
     chunks, have = [], 0
-    for x, _ in iterate_split(cfg.data.root, cfg.data.dataset, split, min(num, 256), size, cfg.model.channels,
-                              cfg.data.preprocess, cfg.data.loader, 0):
+    for x, _ in iterate_split(cfg.data.root, cfg.data.dataset, split, min(num, 256), resolution(cfg),
+                              cfg.model.channels, cfg.data.preprocess, cfg.data.loader, 0):
         chunks.append(x)
         have += len(x)
         if have >= num:
@@ -93,8 +93,9 @@ def png_bytes(x: torch.Tensor) -> np.ndarray:
 
 
 def energies(energy, x: torch.Tensor, batch: int = 250) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([energy(c, torch.zeros(len(c), dtype=torch.long)) for c in x.split(batch)])
+    from ddaebm.metrics.ood import energy_scores
+
+    return torch.from_numpy(energy_scores(energy, [(c, None) for c in x.split(batch)], x.device))
 
 
 def complexity_row(energy, x_in: torch.Tensor, x_out: torch.Tensor) -> dict:
@@ -149,25 +150,27 @@ def probe_step(model, gen_enc, energy, x0: torch.Tensor, k: int, g: torch.Genera
     return row
 
 
+def show(row: dict) -> dict:
+    """Print a row on one line (without its run path) and return it."""
+    print("  ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()
+                    if key != "run"), flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     from ddaebm.model import Model
     from ddaebm.metrics.fid import eval_mode
 
     args = parse_args(argv)
     model = Model.from_run(args.run_dir, torch.device("cpu"))
-    gen_enc, energy = model.sampling_networks(not args.raw)
-    if not args.raw and model.averaged is not None and model.terms.encoder:
-        gen_enc = model.averaged["generator"]  # the EMA copy holds the encoder too
+    gen_enc, energy = model.sampling_networks(not args.raw)  # the EMA generator copy holds the encoder too
     x0 = real_images(model.cfg, args.split, args.num)
+    head = {"run": str(args.run_dir), "step": model.step, "ablation": model.cfg.loss.ablation, "ema": not args.raw}
     rows = []
     with eval_mode(model):
         for k in range(model.schedule.num_steps):
             g = torch.Generator().manual_seed(args.seed * 1000 + k)
-            row = {"run": str(args.run_dir), "step": model.step, "ablation": model.cfg.loss.ablation,
-                   "ema": not args.raw, **probe_step(model, gen_enc, energy, x0, k, g)}
-            rows.append(row)
-            print("  ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
-                            for key, v in row.items() if key not in ("run",)), flush=True)
+            rows.append(show({**head, **probe_step(model, gen_enc, energy, x0, k, g)}))
     if args.ood:
         from dataclasses import replace
 
@@ -175,11 +178,8 @@ def main(argv=None) -> int:
 
         root, name, split = parse_set(args.ood)
         cfg_out = replace(model.cfg, data=replace(model.cfg.data, root=root, dataset=name))
-        row = {"run": str(args.run_dir), "step": model.step, "ablation": model.cfg.loss.ablation, "ema": not args.raw,
-               "ood": args.ood, **complexity_row(energy, x0, real_images(cfg_out, split, args.num))}
-        rows.append(row)
-        print("  ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
-                        for key, v in row.items() if key not in ("run",)), flush=True)
+        rows.append(show({**head, "ood": args.ood,
+                          **complexity_row(energy, x0, real_images(cfg_out, split, args.num))}))
     if args.out:
         with open(args.out, "a") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)

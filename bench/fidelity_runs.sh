@@ -38,21 +38,22 @@ done
     --out "$DATA/stackedmnist" --name stackedmnist --split test --num-samples 10000 --seed 1
 
 EVAL=(--eval-every 20 --no-eval-at-start --num 1000 --refine-num 500 --ref-num 10000)
+FASHION=(--ood "$DATA/mnist32:mnist:test" "data.root=$DATA/fashion32")
 fashion() {  # ABLATION
     OMP_NUM_THREADS=1 python bench/fidelity.py configs/small/fashion32.yaml --run-dir "$RUNS/fashion-$1" \
-        --minutes "$MINUTES" "${EVAL[@]}" --ood "$DATA/mnist32:mnist:test" "loss.ablation=$1" \
-        "data.root=$DATA/fashion32" "train.steps=$STEPS" >> "$RUNS/fashion-$1.log" 2>&1
+        --minutes "$MINUTES" "${EVAL[@]}" "${FASHION[@]}" "loss.ablation=$1" "train.steps=$STEPS" \
+        >> "$RUNS/fashion-$1.log" 2>&1
 }
 smnist() {
     OMP_NUM_THREADS=1 python bench/fidelity.py configs/small/stackedmnist.yaml --run-dir "$RUNS/stackedmnist-full" \
         --minutes "$MINUTES" --eval-every 20 --no-eval-at-start --num 0 --modes-mnist "$DATA/mnist28:mnist" \
         "data.root=$DATA/stackedmnist" "train.steps=$STEPS" >> "$RUNS/stackedmnist-full.log" 2>&1
 }
-final() {  # RUN_DIR CONFIG [args]: the 10,000-sample FID of the newest checkpoint, once
-    local dir=$1 config=$2; shift 2
+final() {  # ABLATION: the 10,000-sample FID of the newest checkpoint of its Fashion run, once
+    local dir=$RUNS/fashion-$1
     grep -q '"eval_only": true' "$dir/fidelity.jsonl" 2>/dev/null ||
-        OMP_NUM_THREADS=1 python bench/fidelity.py "$config" --run-dir "$dir" --eval-only --num 10000 \
-            --ref-num 10000 "$@" >> "$dir.log" 2>&1
+        OMP_NUM_THREADS=1 python bench/fidelity.py configs/small/fashion32.yaml --run-dir "$dir" --eval-only \
+            --num 10000 --ref-num 10000 "${FASHION[@]}" "loss.ablation=$1" >> "$dir.log" 2>&1
 }
 
 # The floors: real Fashion training images against the same test reference; real StackedMNIST digits' modes.
@@ -64,12 +65,8 @@ final() {  # RUN_DIR CONFIG [args]: the 10,000-sample FID of the newest checkpoi
 
 fashion full & fashion no_latent & wait
 fashion kl_only & fashion kl_no_entropy & wait
-smnist & final "$RUNS/fashion-full" configs/small/fashion32.yaml --ood "$DATA/mnist32:mnist:test" \
-    "data.root=$DATA/fashion32" & wait
-for v in no_latent kl_only kl_no_entropy; do
-    final "$RUNS/fashion-$v" configs/small/fashion32.yaml --ood "$DATA/mnist32:mnist:test" \
-        "loss.ablation=$v" "data.root=$DATA/fashion32"
-done
+smnist & final full & wait
+for v in no_latent kl_only kl_no_entropy; do final $v; done
 python bench/fidelity.py --plot "$RUNS/curves-fashion.png" "$RUNS"/fashion-{full,no_latent,kl_only,kl_no_entropy} \
     "$RUNS/floor-fashion"
 python bench/fidelity.py --plot "$RUNS/curves-stackedmnist.png" "$RUNS/stackedmnist-full" "$RUNS/floor-stackedmnist"
