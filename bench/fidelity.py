@@ -2,7 +2,8 @@
 
     python bench/fidelity.py CONFIG --run-dir DIR [--minutes 120] [--eval-every 10] [--num 10000] [--refine-num N]
                              [--ood ROOT:NAME:SPLIT ...] [--modes-mnist ROOT:NAME] [eval options] [key=value ...]
-    python bench/fidelity.py --plot OUT.png RUN_DIR [RUN_DIR ...]
+    python bench/fidelity.py --plot OUT.png RUN_DIR [RUN_DIR ...]      (bench/fidelity_report.py: curves and grids)
+    python bench/fidelity.py --table RUN_DIR [RUN_DIR ...]             (a Markdown row per run: the README table)
 
 Training runs through the package's loop (`ddaebm.training.loop.train`) in slices of at most two minutes, each
 ending in a checkpoint; a job stopped at any point continues from its last slice when the same command runs again
@@ -40,10 +41,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.fidelity_report import FLOOR, ROWS, plot, table  # noqa: E402
+
 SLICE_SECONDS = 60.0  # longest training slice: the s/it estimate (the last slice's) is corrected this often
 STATE = "fidelity-state.json"
-ROWS = "fidelity.jsonl"
-FLOOR = "floor.jsonl"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,13 +81,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", help="folder of the FID reference statistics cache")
     p.add_argument("--label", help="the run's name in plots (default: its loss.ablation)")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="plot the run dirs given as positionals")
-    p.add_argument("--labels", help="--plot: comma-separated labels, one per run dir")
+    p.add_argument("--table", action="store_true",
+                   help="print a Markdown table of the run dirs given as positionals (bench/fidelity_report.py)")
+    p.add_argument("--labels", help="--plot, --table: comma-separated labels, one per run dir")
     p.add_argument("--x", choices=("minutes", "kimg"), default="minutes",
                    help="--plot: against training minutes, or thousands of images seen (the same compute whatever "
                         "the machine's load)")
     args = p.parse_intermixed_args(argv)  # overrides may follow the options
-    if args.plot is None and (args.config is None or args.run_dir is None):
-        p.error("give CONFIG and --run-dir (or --plot OUT.png RUN_DIR ...)")
+    if args.plot is None and not args.table and (args.config is None or args.run_dir is None):
+        p.error("give CONFIG and --run-dir (or --plot OUT.png RUN_DIR ..., or --table RUN_DIR ...)")
     return args
 
 
@@ -227,81 +230,6 @@ def run_locked(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------- plot
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / ROWS
-    if not path.is_file():
-        raise SystemExit(f"{path} does not exist")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot(out: Path, run_dirs: list[Path], labels: list[str] | None, x: str = "minutes") -> None:
-    """OUT: FID and AUROC against training minutes (and modes when any run has them); OUT-grids.png: newest grids."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    floors = [json.loads(line) for d in run_dirs if (Path(d) / FLOOR).is_file() and not (Path(d) / ROWS).is_file()
-              for line in (Path(d) / FLOOR).read_text().splitlines() if line.strip()]
-    run_dirs = [d for d in run_dirs if (Path(d) / ROWS).is_file() or not (Path(d) / FLOOR).is_file()]
-    runs = [read_rows(d) for d in run_dirs]
-    labels = labels or [rows[-1].get("label", Path(d).name) if rows else Path(d).name
-                        for d, rows in zip(run_dirs, runs)]
-    with_modes = any("modes" in r for rows in runs for r in rows)
-    fig, axes = plt.subplots(1, 3 if with_modes else 2, figsize=(15 if with_modes else 10, 4), dpi=110)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = {"mnist": "-", "uniform": ":", "constant": "-."}
-    for i, (all_rows, label) in enumerate(zip(runs, labels)):
-        c = colors[i % len(colors)]
-        rows = [r for r in all_rows if not r.get("eval_only")]  # one curve: the in-loop rows (one --num)
-        at = (lambda r: r["train_minutes"]) if x == "minutes" else (lambda r: r["images_seen"] / 1000)  # noqa: E731
-        for r in (r for r in all_rows if r.get("eval_only") and r.get("fid") is not None):  # --eval-only: stars
-            axes[0].plot([at(r)], [r["fid"]], "*", color=c, ms=10)
-        t = [at(r) for r in rows]
-        if any(r.get("fid") is not None for r in rows):
-            axes[0].plot(t, [r.get("fid") for r in rows], "-o", color=c, ms=3, label=label)
-            axes[0].plot(t, [r.get("fid_refine") for r in rows], "--", color=c, alpha=0.7)
-        for name in sorted({k for r in rows for k in r.get("auroc", {})}):
-            axes[1].plot(t, [r["auroc"].get(name) for r in rows], styles.get(name, "--"), color=c,
-                         label=f"{label} vs {name}")
-        if with_modes:
-            axes[2].plot(t, [r.get("modes") for r in rows], "-o", color=c, ms=3, label=label)
-    for row in floors:  # real data: what a perfect generator scores with the same code
-        for num, value in row.get("fid", {}).items():
-            axes[0].axhline(value, color="gray", ls=":", lw=1)
-            axes[0].annotate(f"real data, N={num}", (1, value), xycoords=("axes fraction", "data"), ha="right",
-                             va="bottom", fontsize=7, color="gray")
-        if with_modes and row.get("modes") is not None:
-            axes[2].axhline(row["modes"], color="gray", ls=":", lw=1, label="real data")
-    xlabel = "training minutes" if x == "minutes" else "thousands of images seen"
-    axes[0].set(xlabel=xlabel, ylabel="FID (dashed: with refinement)", yscale="log", title="FID")
-    axes[1].set(xlabel=xlabel, ylabel="AUROC of f(x, 0)", ylim=(0, 1.02), title="OOD AUROC")
-    if with_modes:
-        axes[2].set(xlabel=xlabel, ylabel="covered modes (of 1000)", title="StackedMNIST modes")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    grids = [sorted((Path(d) / "fidelity").glob("grid-0*.png")) for d in run_dirs]
-    fig, axes = plt.subplots(1, len(run_dirs), figsize=(3.2 * len(run_dirs), 3.6), dpi=110, squeeze=False)
-    for ax, files, label, rows in zip(axes[0], grids, labels, runs):
-        if files:
-            ax.imshow(Image.open(files[-1]), cmap="gray")
-        step = rows[-1]["step"] if rows else "?"
-        ax.set_title(f"{label} (step {step})", fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out.with_name(out.stem + "-grids.png"))
-    plt.close(fig)
-    print(f"wrote {out} and {out.with_name(out.stem + '-grids.png')}")
-
-
 def main(argv: list[str] | None = None) -> int:
     from ddaebm.errors import BadInput
 
@@ -309,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot is not None:
         dirs = [Path(p) for p in ([args.config] if args.config else []) + args.overrides]
         plot(args.plot, dirs, args.labels.split(",") if args.labels else None, args.x)
+        return 0
+    if args.table:
+        dirs = [Path(p) for p in ([args.config] if args.config else []) + args.overrides]
+        print(table(dirs, args.labels.split(",") if args.labels else None))
         return 0
     try:
         return run(args)

@@ -201,6 +201,16 @@ def test_fidelity_evaluation_row_on_a_tiny_run(tmp_path):
                         str(floor_dir)], cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "curves-grids.png").is_file()
+    # --table: the run judged by its --eval-only row, the floor as "real data".
+    r = subprocess.run([sys.executable, "bench/fidelity.py", "--table", str(run), str(floor_dir)], cwd=ROOT,
+                       env=ds_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    head, rule, run_line, floor_line = r.stdout.strip().splitlines()
+    assert "AUROC vs stackedmnist" in head and "modes" in head and rule.count("---") == head.count("|") - 1
+    final = rows[1]
+    assert run_line.startswith(f"| full | {final['step']} |") and f"{final['fid']:.1f} (12)" in run_line
+    assert f"{final['auroc']['stackedmnist']:.3f}" in run_line and f"| {final['modes']} |" in run_line
+    assert floor_line.startswith("| real data |") and f"{floor['fid']['12']:.1f} (12)" in floor_line
 
 
 class _Flat(torch.nn.Module):

@@ -1,0 +1,135 @@
+"""What bench/fidelity.py's run dirs hold, as figures and a table: the curves, the newest grids, the Table-5 rows.
+
+    python bench/fidelity.py --plot OUT.png RUN_DIR [RUN_DIR ...]     FID and AUROC against training minutes
+    python bench/fidelity.py --table RUN_DIR [RUN_DIR ...]            one Markdown row per run and per floor
+
+A run dir holds ROWS (one JSON line per evaluation, `--eval-only` ones marked `eval_only`); a floor dir
+(`--floor`) holds FLOOR instead: the same measurements on real data, drawn as horizontal lines and tabled as
+"real data".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROWS = "fidelity.jsonl"
+FLOOR = "floor.jsonl"
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def is_floor(run_dir: Path) -> bool:
+    return (Path(run_dir) / FLOOR).is_file() and not (Path(run_dir) / ROWS).is_file()
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / ROWS
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist")
+    return _lines(path)
+
+
+def plot(out: Path, run_dirs: list[Path], labels: list[str] | None, x: str = "minutes") -> None:
+    """OUT: FID and AUROC against training minutes (and modes when any run has them); OUT-grids.png: newest grids."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    floors = [row for d in run_dirs if is_floor(d) for row in _lines(Path(d) / FLOOR)]
+    run_dirs = [d for d in run_dirs if not is_floor(d)]
+    runs = [read_rows(d) for d in run_dirs]
+    labels = labels or [rows[-1].get("label", Path(d).name) if rows else Path(d).name
+                        for d, rows in zip(run_dirs, runs)]
+    with_modes = any("modes" in r for rows in runs for r in rows)
+    fig, axes = plt.subplots(1, 3 if with_modes else 2, figsize=(15 if with_modes else 10, 4), dpi=110)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {"mnist": "-", "uniform": ":", "constant": "-."}
+    for i, (all_rows, label) in enumerate(zip(runs, labels)):
+        c = colors[i % len(colors)]
+        rows = [r for r in all_rows if not r.get("eval_only")]  # one curve: the in-loop rows (one --num)
+        at = (lambda r: r["train_minutes"]) if x == "minutes" else (lambda r: r["images_seen"] / 1000)  # noqa: E731
+        for r in (r for r in all_rows if r.get("eval_only") and r.get("fid") is not None):  # --eval-only: stars
+            axes[0].plot([at(r)], [r["fid"]], "*", color=c, ms=10)
+        t = [at(r) for r in rows]
+        if any(r.get("fid") is not None for r in rows):
+            axes[0].plot(t, [r.get("fid") for r in rows], "-o", color=c, ms=3, label=label)
+            axes[0].plot(t, [r.get("fid_refine") for r in rows], "--", color=c, alpha=0.7)
+        for name in sorted({k for r in rows for k in r.get("auroc", {})}):
+            axes[1].plot(t, [r["auroc"].get(name) for r in rows], styles.get(name, "--"), color=c,
+                         label=f"{label} vs {name}")
+        if with_modes:
+            axes[2].plot(t, [r.get("modes") for r in rows], "-o", color=c, ms=3, label=label)
+    for row in floors:  # real data: what a perfect generator scores with the same code
+        for num, value in row.get("fid", {}).items():
+            axes[0].axhline(value, color="gray", ls=":", lw=1)
+            axes[0].annotate(f"real data, N={num}", (1, value), xycoords=("axes fraction", "data"), ha="right",
+                             va="bottom", fontsize=7, color="gray")
+        if with_modes and row.get("modes") is not None:
+            axes[2].axhline(row["modes"], color="gray", ls=":", lw=1, label="real data")
+    xlabel = "training minutes" if x == "minutes" else "thousands of images seen"
+    axes[0].set(xlabel=xlabel, ylabel="FID (dashed: with refinement)", yscale="log", title="FID")
+    axes[1].set(xlabel=xlabel, ylabel="AUROC of f(x, 0)", ylim=(0, 1.02), title="OOD AUROC")
+    if with_modes:
+        axes[2].set(xlabel=xlabel, ylabel="covered modes (of 1000)", title="StackedMNIST modes")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    grids = [sorted((Path(d) / "fidelity").glob("grid-0*.png")) for d in run_dirs]
+    fig, axes = plt.subplots(1, len(run_dirs), figsize=(3.2 * len(run_dirs), 3.6), dpi=110, squeeze=False)
+    for ax, files, label, rows in zip(axes[0], grids, labels, runs):
+        if files:
+            ax.imshow(Image.open(files[-1]), cmap="gray")
+        step = rows[-1]["step"] if rows else "?"
+        ax.set_title(f"{label} (step {step})", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out.with_name(out.stem + "-grids.png"))
+    plt.close(fig)
+    print(f"wrote {out} and {out.with_name(out.stem + '-grids.png')}")
+
+
+def table_row(rows: list[dict]) -> dict:
+    """The row a run is judged by: its newest `--eval-only` row (the large-sample FID), else its newest row."""
+    finals = [r for r in rows if r.get("eval_only")]
+    return (finals or rows)[-1]
+
+
+def _fid_cell(value: float | None, num: int | None) -> str:
+    return "" if value is None else f"{value:.1f} ({num})"
+
+
+def table(run_dirs: list[Path], labels: list[str] | None = None) -> str:
+    """Markdown: per run its `table_row` (FID at its sample count in brackets, AUROC of f(x, 0) per OOD set,
+    StackedMNIST modes / reverse KL where measured); per floor dir its real-data figures (FID at every count)."""
+    entries = []  # (label, row, is_floor)
+    for i, d in enumerate(map(Path, run_dirs)):
+        floor = is_floor(d)
+        for row in (_lines(d / FLOOR) if floor else [table_row(read_rows(d))]):
+            label = labels[i] if labels else row.get("label", d.name)
+            entries.append((label, row, floor))
+    sets = list(dict.fromkeys(name for _, row, _ in entries for name in row.get("auroc", {})))
+    modes = any(row.get("modes") is not None for _, row, _ in entries)
+    head = (["variant", "step", "train min", "FID (samples)", "refined FID (samples)"]
+            + [f"AUROC vs {name}" for name in sets] + (["modes", "reverse KL"] if modes else []))
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, row, floor in entries:
+        if floor:
+            fids = sorted(row.get("fid", {}).items(), key=lambda kv: -int(kv[0]))  # every count: in-loop rows use fewer
+            cells = [label, "", "", "; ".join(_fid_cell(value, num) for num, value in fids), ""]
+        else:
+            cells = [label, str(row["step"]), f"{row['train_minutes']:.0f}",
+                     _fid_cell(row.get("fid"), row.get("num")),
+                     _fid_cell(row.get("fid_refine"), row.get("refine_num"))]
+        cells += [f"{row['auroc'][name]:.3f}" if name in row.get("auroc", {}) else "" for name in sets]
+        if modes:
+            cells += [str(row.get("modes", "")), f"{row['kl']:.3f}" if row.get("kl") is not None else ""]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
