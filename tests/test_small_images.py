@@ -178,15 +178,19 @@ def test_fidelity_evaluation_row_on_a_tiny_run(tmp_path):
     assert set(rows[1]["auroc"]) == {"stackedmnist"}
     # bench/fidelity_probe.py: one finite row per step k, with the encoder's columns (the full model has one).
     r = subprocess.run([sys.executable, "bench/fidelity_probe.py", str(run), "--num", "6", "--split", "train",
-                        "--ood", f"{tmp_path / 'stackedmnist'}:stackedmnist:test", "--fid-from", "6",
+                        "--ood", f"{tmp_path / 'stackedmnist'}:stackedmnist:test", "--fid-from",
+                        "--refine-sweep", "0,0.01", "--fid-num", "6",
                         "--inception", str(tmp_path / "features.pt"), "--cache", str(tmp_path / "cache"),
                         "--out", str(tmp_path / "probe.jsonl")],
                        cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    *probe, complexity, fid_from = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    *probe, complexity, fid_from, sweep = [json.loads(line) for line in
+                                           (tmp_path / "probe.jsonl").read_text().splitlines()]
     # FID of real images regenerated from each step s = 0 (the images themselves) … T, against the test split.
     assert list(fid_from["fid_from"]) == ["0", "1", "2", "3", "4"] and fid_from["num"] == 6
     assert _finite(fid_from) and fid_from["ref_num"] == 40
+    # The plain sampler's samples refined by each step size (0: unrefined).
+    assert list(sweep["fid_refined"]) == ["0.0", "0.01"] and sweep["num"] == 6 and _finite(sweep)
     assert _finite(complexity) and all(0 <= complexity[key] <= 1 for key in ("auc_f", "auc_minus_ink", "auc_minus_png"))
     assert -1 <= complexity["spearman_f_png"] <= 1
     assert [p["k"] for p in probe] == [0, 1, 2, 3] and all(p["step"] == row["step"] for p in probe)
