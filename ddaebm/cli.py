@@ -20,7 +20,7 @@ import errno
 import sys
 from pathlib import Path
 
-from ddaebm.config.arguments import count, finite, seed
+from ddaebm.config.arguments import count, finite, seed, step_size
 from ddaebm.errors import BadInput
 
 EXIT_USAGE = 2
@@ -146,6 +146,7 @@ def _sample(args) -> int:
     if not out.parent.is_dir():  # checked before the (slow) restore: bad input fails at once
         raise BadInput(f"--out {args.out}: folder {out.parent} does not exist")
     model = Model.from_run(run_dir)
+    model.set_refine_step(args.refine_step)
     if not is_toy(model.cfg):
         return _sample_images(model, args)
     out = _output_path(args.out, ".npy")
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=count(1, 1 << 20), default=256,
                    help="images per .npz file and per generator batch")
     s.add_argument("--refine", action="store_true", help="one energy refinement step (sample.refine_step)")
+    s.add_argument("--refine-step", type=step_size, metavar="S",
+                   help="refine with step size S (implies --refine; default: the run's sample.refine_step)")
     s.add_argument("--seed", type=seed, default=0)
     s.add_argument("--raw", action="store_true", help="raw generator instead of its EMA (sample.use_ema)")
     s.set_defaults(fn=_sample)
@@ -303,6 +306,8 @@ def _main(argv: list[str]) -> int:
     if bad or (extra and args.command not in ("train", "print-config")):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     args.overrides = extra
+    if getattr(args, "refine_step", None) is not None:  # a step size given means refine with it
+        args.refine = True
     try:
         return args.fn(args)
     except BadInput as err:  # anything else is a bug or a failure, and keeps its traceback (exit 1)

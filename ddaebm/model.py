@@ -9,6 +9,7 @@ for a new run (the trainer trains its networks in place) or restored from a run 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,11 @@ class Model:
             yield x_k1, k, z
 
     # ---- sampling and densities
+
+    def set_refine_step(self, step: float | None) -> None:
+        """Refine samples with step size `step` from now on (None: keep the run's sample.refine_step)."""
+        if step is not None:
+            self.cfg = dataclasses.replace(self.cfg, sample=dataclasses.replace(self.cfg.sample, refine_step=step))
 
     def generate(self, num: int, seed: int, refine_samples: bool = False, use_ema: bool | None = None,
                  indices=None, batch: int = 10_000) -> torch.Tensor:

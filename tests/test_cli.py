@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from tests.conftest import CONFIGS, TINY, run_cli
 
@@ -27,7 +28,17 @@ def test_round_trip(tmp_path, cli_env):
     r = run_cli(["sample", str(run), "--num", "77", "--out", str(tmp_path / "xr.npy"), "--refine"], tmp_path,
                 cli_env)
     assert r.returncode == 0, r.stderr
-    assert not np.array_equal(np.load(tmp_path / "xr.npy"), x)
+    xr = np.load(tmp_path / "xr.npy")
+    assert not np.array_equal(xr, x)
+    # --refine-step S: the same step x + S·∇f(x, 0) with S for the run's sample.refine_step (the toy default).
+    default = float(yaml.safe_load((run / "config.yaml").read_text())["sample"]["refine_step"])
+    r = run_cli(["sample", str(run), "--num", "77", "--out", str(tmp_path / "x3.npy"), "--refine-step",
+                 str(3 * default)], tmp_path, cli_env)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "x3.npy") - x, 3 * (xr - x), rtol=1e-4, atol=1e-6)
+    r = run_cli(["sample", str(run), "--num", "7", "--out", str(tmp_path / "xn.npy"), "--refine-step", "-1"],
+                tmp_path, cli_env)
+    assert r.returncode == 2 and "--refine-step" in r.stderr and "must be ≥ 0" in r.stderr
 
     r = run_cli(["density", str(run), "--grid", "30", "--range", "-2", "2", "--out", str(tmp_path / "d.npy")],
                 tmp_path, cli_env)

@@ -113,10 +113,13 @@ def test_fid_is_ood_modes_rows(runs, capsys):
     assert row["step"] == 2 and row["num_samples"] == 16 and row["ref_num"] == 16 and not row["ref_cached"]
     assert np.isfinite(row["fid"]) and row["fid"] > 0 and row["extractor"].startswith("default_1-")
     assert (d / "cache").is_dir() and row["ref_cache"].startswith(str(d / "cache")) and "fid" in r.stdout
+    assert row["refine"] is None and row["use_ema"]
 
-    _ok(_main(["eval", "is", run, "--num", "20", "--splits", "4", "--inception-logits", d / "logits.pt"], capsys))
+    _ok(_main(["eval", "is", run, "--num", "20", "--splits", "4", "--inception-logits", d / "logits.pt",
+               "--refine-step", "0.02"], capsys))
     (row,) = _rows(run, "is")
     assert 1.0 <= row["is"] <= 1008 and row["classes"] == 1008 and row["splits"] == 4
+    assert row["refine"] == 0.02  # --refine-step refines, with that step size, and the row says which
 
     _ok(_main(["eval", "ood", run, "--in", f"{d / 'sm'}:stackedmnist:test", "--ood", f"{d / 'mn'}:mnist:test",
                "--num", "24"], capsys))

@@ -30,6 +30,14 @@ seed = count(int(SEED.lo), int(SEED.hi))
 """A seed: samples and their noise are functions of it (ddaebm/sampling.py), which need it ≥ 0 and in 31 bits."""
 
 
+def step_size(text: str) -> float:
+    """A finite float ≥ 0 (the refinement step s)."""
+    value = finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be ≥ 0")
+    return value
+
+
 def finite(text: str) -> float:
     """A finite float (a range end, a step size)."""
     try:

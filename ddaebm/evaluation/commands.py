@@ -38,14 +38,16 @@ EXIT_USAGE, EXIT_FAILED = 2, 1
 # ---------------------------------------------------------------------------------------------- shared
 
 
-def open_run(run_dir_arg: str, metric: str, image: bool = True) -> tuple[Path, Model]:
-    """(run dir, its model) for `eval <metric>`; an image metric refuses a toy run and vice versa."""
+def open_run(run_dir_arg: str, metric: str, image: bool = True, refine_step: float | None = None):
+    """(run dir, its model refining with `refine_step` if given) for `eval <metric>`; an image metric refuses a toy
+    run and vice versa."""
     from ddaebm.data.stream import is_toy
 
     run_dir = Path(run_dir_arg)
     if not run_dir.is_dir():
         raise BadInput(f"run dir {run_dir_arg} does not exist")
     model = Model.from_run(run_dir)
+    model.set_refine_step(refine_step)
     if image and is_toy(model.cfg):
         raise BadInput(f"eval {metric} needs an image model; {run_dir} is a toy run "
                        f"(data.dataset={model.cfg.data.dataset}): use `ddaebm eval toy`")
@@ -64,9 +66,11 @@ def _use_ema(args) -> bool | None:
     return False if args.raw else None
 
 
-def _sampled_with_ema(model: Model, args) -> bool:
-    """Whether `generate` samples with the EMA generator (sample.use_ema unless --raw, and an EMA is kept)."""
-    return bool(model.cfg.sample.use_ema and not args.raw and model.averaged is not None)
+def _sampling(model: Model, args) -> dict:
+    """How the samples were drawn, for the rows: `refine` the refinement step size (None: unrefined), `use_ema`
+    whether `generate` used the EMA generator (sample.use_ema unless --raw, and an EMA is kept)."""
+    return {"refine": model.cfg.sample.refine_step if args.refine else None,
+            "use_ema": bool(model.cfg.sample.use_ema and not args.raw and model.averaged is not None)}
 
 
 def _one_process(metric: str) -> None:
@@ -151,7 +155,7 @@ def eval_fid(args) -> int:
 
     t0 = time.perf_counter()
     _check_num(args.num, 2, args.batch)
-    run_dir, model = open_run(args.run_dir, "fid")
+    run_dir, model = open_run(args.run_dir, "fid", refine_step=args.refine_step)
     cfg = model.cfg
     ref = args.ref or _default_set(cfg)
     root, name, split = parse_set(ref)
@@ -163,7 +167,7 @@ def eval_fid(args) -> int:
     if _is_lead():
         row = {"metric": "fid", "step": model.step, "fid": fid, "num_samples": args.num, "seed": args.seed,
                "ref": ref, "ref_num": stats.num, "ref_cache": str(cache_file), "ref_cached": cached,
-               "extractor": extractor.id, "refine": args.refine, "use_ema": _sampled_with_ema(model, args),
+               "extractor": extractor.id, **_sampling(model, args),
                "world": distributed.world_size()}
         finish(run_dir, "fid", row, t0)
     return 0
@@ -176,7 +180,7 @@ def eval_is(args) -> int:
 
     t0 = time.perf_counter()
     _check_num(args.num, max(args.splits, 1), args.batch)
-    run_dir, model = open_run(args.run_dir, "is")
+    run_dir, model = open_run(args.run_dir, "is", refine_step=args.refine_step)
     logits_model = LogitsModel(args.inception_logits, model.device, args.inception_batch)
     acc = None
     with eval_mode(model):
@@ -189,7 +193,7 @@ def eval_is(args) -> int:
     if _is_lead():
         row = {"metric": "is", "step": model.step, "is": mean, "is_std": std, "splits": args.splits,
                "num_samples": args.num, "seed": args.seed, "classes": acc.p_sum.shape[1], "model": logits_model.id,
-               "refine": args.refine, "use_ema": _sampled_with_ema(model, args),
+               **_sampling(model, args),
                "world": distributed.world_size()}
         finish(run_dir, "is", row, t0)
     return 0
@@ -248,7 +252,7 @@ def eval_modes(args) -> int:
 
     t0 = time.perf_counter()
     _check_num(args.num, 1, args.batch)
-    run_dir, model = open_run(args.run_dir, "modes")
+    run_dir, model = open_run(args.run_dir, "modes", refine_step=args.refine_step)
     cfg = model.cfg
     if cfg.model.channels != 3:
         raise BadInput(f"eval modes needs a 3-channel StackedMNIST model; {run_dir} has model.channels="
@@ -276,8 +280,7 @@ def eval_modes(args) -> int:
         row = {"metric": "modes", "step": model.step, "modes": stats["modes"],
                "kl": stats["kl"] if np.isfinite(stats["kl"]) else None, "num_samples": args.num, "seed": args.seed,
                "p": p_source, "classifier_test_accuracy": info["test_accuracy"],
-               "classifier": info["path"], "refine": args.refine,
-               "use_ema": _sampled_with_ema(model, args), "world": distributed.world_size()}
+               "classifier": info["path"], **_sampling(model, args), "world": distributed.world_size()}
         if not np.isfinite(stats["kl"]):
             row["kl_note"] = "infinite: samples hit labels the data set lacks (small data set? try --p uniform)"
         finish(run_dir, "modes", row, t0)

@@ -3,7 +3,7 @@ ddaebm/evaluation/commands.py that runs it."""
 
 from __future__ import annotations
 
-from ddaebm.config.arguments import count, finite, seed
+from ddaebm.config.arguments import count, finite, seed, step_size
 from ddaebm.evaluation.commands import eval_fid, eval_is, eval_modes, eval_nll, eval_ood, eval_toy, ranked
 
 
@@ -17,6 +17,8 @@ def _common(p, num: int | None, batch: int, sampling: bool = True) -> None:
     p.add_argument("--seed", type=seed, default=0, help="sample seeds (per-sample), or dequantisation noise")
     if sampling:
         p.add_argument("--refine", action="store_true", help="one energy refinement step (sample.refine_step)")
+        p.add_argument("--refine-step", type=step_size, metavar="S",
+                       help="refine with step size S (implies --refine; default: the run's sample.refine_step)")
         p.add_argument("--raw", action="store_true", help="raw generator instead of its EMA")
         p.add_argument("--timeout", type=count(1, 7 * 86400), default=3600,
                        help="collective timeout (s) under a launcher")
