@@ -106,6 +106,17 @@ def _fid_cell(value: float | None, num: int | None) -> str:
     return "" if value is None else f"{value:.1f} ({num})"
 
 
+def _refined_cell(row: dict) -> str:
+    """The refined FID with its sample count and step size s; on a subset of the samples, also the same subset's
+    unrefined FID (FID's bias grows as 1/N, so only that one compares with it)."""
+    if row.get("fid_refine") is None:
+        return ""
+    cell = f"{row['fid_refine']:.1f} ({row['refine_num']}, s = {row['refine_step']:g})"
+    if row["refine_num"] != row.get("num") and row.get("fid_refine_base") is not None:
+        cell += f"; unrefined {row['fid_refine_base']:.1f}"
+    return cell
+
+
 def table(run_dirs: list[Path], labels: list[str] | None = None) -> str:
     """Markdown: per run its `table_row` (FID at its sample count in brackets, AUROC of f(x, 0) per OOD set,
     StackedMNIST modes / reverse KL where measured); per floor dir its real-data figures (FID at every count)."""
@@ -126,8 +137,7 @@ def table(run_dirs: list[Path], labels: list[str] | None = None) -> str:
             cells = [label, "", "", "; ".join(_fid_cell(value, num) for num, value in fids), ""]
         else:
             cells = [label, str(row["step"]), f"{row['train_minutes']:.0f}",
-                     _fid_cell(row.get("fid"), row.get("num")),
-                     _fid_cell(row.get("fid_refine"), row.get("refine_num"))]
+                     _fid_cell(row.get("fid"), row.get("num")), _refined_cell(row)]
         cells += [f"{row['auroc'][name]:.3f}" if name in row.get("auroc", {}) else "" for name in sets]
         if modes:
             cells += [str(row.get("modes", "")), f"{row['kl']:.3f}" if row.get("kl") is not None else ""]

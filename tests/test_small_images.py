@@ -217,6 +217,7 @@ def test_fidelity_evaluation_row_on_a_tiny_run(tmp_path):
     assert "AUROC vs stackedmnist" in head and "modes" in head and rule.count("---") == head.count("|") - 1
     final = rows[1]
     assert run_line.startswith(f"| full | {final['step']} |") and f"{final['fid']:.1f} (12)" in run_line
+    assert f"{final['fid_refine']:.1f} (6, s = 0.001); unrefined {final['fid_refine_base']:.1f}" in run_line
     assert f"{final['auroc']['stackedmnist']:.3f}" in run_line and f"| {final['modes']} |" in run_line
     assert floor_line.startswith("| real data |") and f"{floor['fid']['12']:.1f} (12)" in floor_line
 
