@@ -107,14 +107,16 @@ def write_state(run_dir: Path, state: dict) -> None:
     write_atomic(run_dir / STATE, json.dumps(state, indent=1) + "\n")
 
 
-def train_slice(cfg, run_dir: Path, trainer, seconds: float, s_per_it: float | None) -> tuple[int, float]:
-    """Train about `seconds` (≥ 1 iteration, ≤ train.steps), ending in a checkpoint; (iterations, seconds taken)."""
+def train_slice(cfg, run_dir: Path, trainer, seconds: float, s_per_it: float | None,
+                first: bool = False) -> tuple[int, float]:
+    """Train about `seconds` (≥ 1 iteration, ≤ train.steps), ending in a checkpoint; (iterations, seconds taken).
+    The trainer's start-up lines are written for the `first` slice of this process only."""
     from ddaebm.training.loop import train
 
     n = 10 if s_per_it is None else max(1, int(seconds / s_per_it))
     n = min(n, cfg.train.steps - trainer.step)
     t0 = time.perf_counter()
-    train(cfg, run_dir, trainer=trainer, slice_steps=n)
+    train(cfg, run_dir, trainer=trainer, slice_steps=n, announce=first)
     return n, time.perf_counter() - t0
 
 
@@ -212,11 +214,13 @@ def run_locked(args) -> int:
         evaluate_row(trainer, args, plan, extractor, state, s_per_it)
         state["last_eval"] = state["train_seconds"]
         write_state(args.run_dir, state)
+    first = True
     while state["train_seconds"] < budget and trainer.step < cfg.train.steps:
         last = state["last_eval"] if state["last_eval"] is not None else 0.0
         next_eval = min(budget, (round(last / every) + 1) * every)  # evaluations land within ½ it of a boundary
         want = min(next_eval - state["train_seconds"], SLICE_SECONDS)
-        n, dt = train_slice(cfg, args.run_dir, trainer, want, s_per_it)
+        n, dt = train_slice(cfg, args.run_dir, trainer, want, s_per_it, first)
+        first = False
         s_per_it = dt / n  # the last slice's: the machine's load moves it (a shared CPU: 0.7 to 4 s/it measured)
         state.update(train_seconds=state["train_seconds"] + dt, step=trainer.step, s_per_it=s_per_it)
         write_state(args.run_dir, state)

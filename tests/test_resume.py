@@ -47,6 +47,18 @@ def test_resume_is_bit_identical(tmp_path, extra):
     _assert_identical(ref, resumed)
 
 
+def test_slices_of_a_live_trainer_announce_once(tmp_path, capsys):
+    """The start-up lines come with the call that builds (or loads) the trainer, not with every later slice."""
+    trainer = train(_cfg(6), tmp_path / "run", slice_steps=2)
+    for _ in range(2):
+        train(_cfg(6), tmp_path / "run", trainer=trainer, slice_steps=2)
+    train(_cfg(6), tmp_path / "run", trainer=trainer, announce=True)
+    out = capsys.readouterr().out
+    assert trainer.step == 6
+    assert out.count("starting step 0/6") == 1 and out.count("resumed at step") == 1
+    assert out.count("parameters: ") == 2
+
+
 def test_checkpoints_pointer_and_pruning(tmp_path):
     train(_cfg(20, ["train.keep_ckpts=2"]), tmp_path / "run")
     names = [p.name for p in complete_checkpoints(tmp_path / "run")]

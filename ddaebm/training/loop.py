@@ -41,14 +41,18 @@ def build_trainer(cfg: Config, state: dict | None, rank: int = 0, world: int = 1
 
 
 def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, world: int = 1,
-          trainer: Trainer | None = None, slice_steps: int | None = None) -> Trainer:
+          trainer: Trainer | None = None, slice_steps: int | None = None, announce: bool | None = None) -> Trainer:
     """Train until cfg.train.steps, checkpointing, logging and plotting at the configured intervals.
 
     `slice_steps` ends this invocation after that many iterations (with a checkpoint), so a scheduler can
     chain jobs; the run continues, bit-identically, when the same command runs again. SIGTERM or SIGUSR1
     finish the current iteration, checkpoint and raise Preempted; `train.max_nonfinite` consecutive NaN/Inf
     iterations raise NonFiniteStop without a checkpoint, so the last good one stays the newest.
+    `announce` writes the start-up lines (step, parameter counts); by default only when this call builds or loads
+    the trainer, so the slices of a live one (bench/fidelity.py, Ray trials) stay quiet.
     """
+    if announce is None:
+        announce = trainer is None or state is not None
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     if distributed.resolve_device(cfg.dist.device).type == "cpu":
@@ -65,15 +69,8 @@ def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, 
         write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     reduce = distributed.mean_over_ranks if world > 1 else None
     monitor = Monitor(run_dir, cfg.train.steps, trainer.step, cfg.data.batch, cfg.train.log_every, lead, reduce)
-    monitor.write(f"{'resumed at' if state else 'starting'} step {trainer.step}/{cfg.train.steps} in {run_dir}"
-                  + (f" on {world} ranks" if world > 1 else ""))
-    counts = parameter_counts(trainer.energy, trainer.gen_enc)
-    monitor.write("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
-                  + f"; device {trainer.device}, {cfg.dist.precision}; losses: {trainer.objectives_note}")
-    if world > 1 and cfg.model.arch == "toy" and cfg.model.gen_norm == "batch":
-        monitor.write(f"note: the generator's BatchNorm normalises each rank's {cfg.data.batch // world} rows by "
-                      "their own statistics, so this run differs from one on another number of ranks (README, "
-                      "\"Several ranks\")")
+    if announce:
+        _announce(cfg, run_dir, trainer, monitor, resumed=bool(state) or trainer.step > 0, world=world)
     if lead and trainer.step == 0:
         save_reals(trainer.model, run_dir)
     stop = cfg.train.steps if slice_steps is None else min(cfg.train.steps, trainer.step + slice_steps)
@@ -98,6 +95,18 @@ def train(cfg: Config, run_dir: Path, state: dict | None = None, rank: int = 0, 
     if lead and cfg.train.eval_at_end and trainer.step == cfg.train.steps and is_toy(cfg):
         evaluate_toy(trainer.model, run_dir)
     return trainer
+
+
+def _announce(cfg: Config, run_dir: Path, trainer: Trainer, monitor: Monitor, resumed: bool, world: int) -> None:
+    monitor.write(f"{'resumed at' if resumed else 'starting'} step {trainer.step}/{cfg.train.steps} in {run_dir}"
+                  + (f" on {world} ranks" if world > 1 else ""))
+    counts = parameter_counts(trainer.energy, trainer.gen_enc)
+    monitor.write("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
+                  + f"; device {trainer.device}, {cfg.dist.precision}; losses: {trainer.objectives_note}")
+    if world > 1 and cfg.model.arch == "toy" and cfg.model.gen_norm == "batch":
+        monitor.write(f"note: the generator's BatchNorm normalises each rank's {cfg.data.batch // world} rows by "
+                      "their own statistics, so this run differs from one on another number of ranks (README, "
+                      "\"Several ranks\")")
 
 
 def _check_nonfinite(trainer: Trainer, monitor: Monitor) -> None:
