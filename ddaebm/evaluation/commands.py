@@ -38,7 +38,8 @@ EXIT_USAGE, EXIT_FAILED = 2, 1
 # ---------------------------------------------------------------------------------------------- shared
 
 
-def open_run(run_dir_arg: str, metric: str, image: bool = True, refine_step: float | None = None):
+def open_run(run_dir_arg: str, metric: str, image: bool = True,
+             refine_step: float | None = None) -> tuple[Path, Model]:
     """(run dir, its model refining with `refine_step` if given) for `eval <metric>`; an image metric refuses a toy
     run and vice versa."""
     from ddaebm.data.stream import is_toy
