@@ -165,17 +165,14 @@ def probe_step(model, gen_enc, energy, x0: torch.Tensor, k: int, g: torch.Genera
     return row
 
 
-def fid_from_row(model, generator, x0: torch.Tensor, extractor, cache: str | None, seed: int,
-                 batch: int = 250) -> dict:
-    """The --fid-from line of the module docstring: {"fid_from": {s: FID}, "num": N}."""
-    from bench.fidelity_eval import EvalPlan, default_set, split_stats
+def fid_from_row(model, generator, x0: torch.Tensor, extractor, ref, seed: int, batch: int = 250) -> dict:
+    """The --fid-from line of the module docstring: {"fid_from": {s: FID}, "num": N}; `ref` the test statistics."""
     from ddaebm.data.pixels import to_uint8
     from ddaebm.diffusion.schedule import diffuse_pair
     from ddaebm.metrics.fid import Moments, fid_from_stats
     from ddaebm.sampling import denoise
 
     cfg, sched = model.cfg, model.schedule
-    ref = split_stats(cfg, EvalPlan(batch=batch, cache=cache), extractor, default_set(cfg), None)
     fids = {}
     for start in range(sched.num_steps + 1):
         g = torch.Generator().manual_seed(seed * 1000 + 100 + start)
@@ -188,27 +185,23 @@ def fid_from_row(model, generator, x0: torch.Tensor, extractor, cache: str | Non
                 x = denoise(generator, sched, x_s, start - 1, cfg.model.nz, g, model.terms.latent)
             moments.add(extractor(to_uint8(x, cfg.data.preprocess)))
         fids[start] = fid_from_stats(moments.stats(), ref)
-    return {"fid_from": fids, "num": len(x0), "ref": default_set(cfg), "ref_num": ref.num}
+    return {"fid_from": fids, "num": len(x0), "ref_num": ref.num}
 
 
-def refine_sweep_row(model, energy, steps: list[float], extractor, cache: str | None, num: int, seed: int,
-                     use_ema: bool, batch: int = 250) -> dict:
-    """The --refine-sweep line of the module docstring: {"fid_refined": {s: FID}, "num": N}."""
-    from bench.fidelity_eval import EvalPlan, default_set, split_stats
+def refine_sweep_row(model, energy, steps: list[float], extractor, ref, plan) -> dict:
+    """The --refine-sweep line of the module docstring: {"fid_refined": {s: FID}, "num": N} for the `plan.num`
+    samples of bench/fidelity_eval.samples; `ref` the test statistics."""
+    from bench.fidelity_eval import samples
     from ddaebm.data.pixels import to_uint8
     from ddaebm.metrics.fid import Moments, fid_from_stats
     from ddaebm.sampling import refine
 
-    cfg = model.cfg
-    plan = EvalPlan(batch=batch, cache=cache, seed=seed, use_ema=use_ema)
-    ref = split_stats(cfg, plan, extractor, default_set(cfg), None)
     moments = {step: Moments() for step in steps}
-    for lo in range(0, num, batch):
-        x = model.generate(min(batch, num - lo), seed, use_ema=use_ema, indices=range(lo, min(lo + batch, num)))
+    for _, x in samples(model, plan, plan.num):
         for step, m in moments.items():
-            m.add(extractor(to_uint8(refine(energy, x, step) if step else x, cfg.data.preprocess)))
-    return {"fid_refined": {step: fid_from_stats(m.stats(), ref) for step, m in moments.items()}, "num": num,
-            "ref": default_set(cfg), "ref_num": ref.num}
+            m.add(extractor(to_uint8(refine(energy, x, step) if step else x, model.cfg.data.preprocess)))
+    return {"fid_refined": {step: fid_from_stats(m.stats(), ref) for step, m in moments.items()}, "num": plan.num,
+            "ref_num": ref.num}
 
 
 def show(row: dict) -> dict:
@@ -242,18 +235,21 @@ def main(argv=None) -> int:
         rows.append(show({**head, "ood": args.ood,
                           **complexity_row(energy, x0, real_images(cfg_out, split, args.num))}))
     if args.fid_from or args.refine_sweep:
+        from bench.fidelity_eval import EvalPlan, default_set, split_stats
         from ddaebm.metrics.inception import FeatureExtractor
 
         extractor = FeatureExtractor(args.inception, "cpu", batch=50)
+        plan = EvalPlan(num=args.fid_num, batch=250, seed=args.seed, use_ema=not args.raw, cache=args.cache)
+        ref = split_stats(model.cfg, plan, extractor, default_set(model.cfg), None)  # once for both lines
+        head = {**head, "ref": default_set(model.cfg)}
         with eval_mode(model):
             if args.fid_from:
                 x_train = real_images(model.cfg, "train", args.fid_num)
-                rows.append(show({**head, **fid_from_row(model, gen_enc.generator, x_train, extractor, args.cache,
+                rows.append(show({**head, **fid_from_row(model, gen_enc.generator, x_train, extractor, ref,
                                                          args.seed)}))
             if args.refine_sweep:
                 steps = [float(v) for v in args.refine_sweep.split(",")]
-                rows.append(show({**head, **refine_sweep_row(model, energy, steps, extractor, args.cache,
-                                                             args.fid_num, args.seed, not args.raw)}))
+                rows.append(show({**head, **refine_sweep_row(model, energy, steps, extractor, ref, plan)}))
     if args.out:
         with open(args.out, "a") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
