@@ -6,7 +6,10 @@ import math
 import pytest
 import torch
 
+from ddaebm.config import load_config
+from ddaebm.networks import build_energy, build_generator_encoder
 from ddaebm.networks.mnist import MLPEncoder, MLPGenerator, NICEEnergy, from_logit, logit_transform
+from tests.conftest import CONFIGS
 
 
 def noisy(model, scale, seed=0):
@@ -244,3 +247,22 @@ def test_mnist_size_generator_and_encoder():
     assert gen(x, k, torch.randn(1, 50)).shape == (1, 784)
     mu, logvar = enc(x, x, k)
     assert mu.shape == logvar.shape == (1, 50)
+
+
+@pytest.mark.parametrize("config, width", [("mnist_nice.yaml", 1600), ("small/mnist_nice.yaml", 400)])
+def test_mlp_width_sets_the_generator_and_encoder_not_the_energy(config, width):
+    cfg = load_config(CONFIGS / config).model
+    assert cfg.mlp_width == width
+    ge = build_generator_encoder(cfg)
+    # Generator: x-branch (784+50)→w→w, step branch 50→50→100, decoder (w+100)→w→w→784, 4 PReLU slopes.
+    step_branch = 50 * 50 + 50 + 50 * 100 + 100
+    gen = (834 * width + width + width * width + width + step_branch + (width + 100) * width + width
+           + width * width + width + width * 784 + 784 + 4)
+    assert n_params(ge.generator) == gen
+    # Encoder: x-branch 1568→2w→w, the same step branch, decoder (w+100)→w→2·50, 3 PReLU slopes.
+    enc = (1568 * 2 * width + 2 * width + 2 * width * width + width + step_branch + (width + 100) * width + width
+           + width * 100 + 100 + 3)
+    assert n_params(ge.encoder) == enc
+    assert n_params(build_energy(cfg)) == 20_464_904
+    if width == 1600:  # the paper's networks (README table)
+        assert (round(n_params(ge.generator) / 1e4), round(n_params(ge.encoder) / 1e4)) == (1044, 1303)

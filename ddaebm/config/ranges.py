@@ -104,6 +104,7 @@ RANGES: dict[str, Range] = {
     "model.nice_hidden": at_least(1, 1 << 16),
     "model.nice_layers": at_least(1, 1 << 10),
     "model.nice_couplings": at_least(1, 1 << 10),
+    "model.mlp_width": at_least(1, 1 << 16),
     # loss
     "loss.lambda_ent": at_least(0),
     "loss.lambda_rec": at_least(0),

@@ -91,6 +91,9 @@ class ModelConfig:
     nice_layers: int = 5
     """Hidden layers of each coupling's m-network."""
     nice_couplings: int = 4
+    mlp_width: int = 1600
+    """Width of the mnist_nice generator and encoder MLPs (method.md §7.5: the paper's 1600; the encoder's input
+    branch is twice it). Narrower ones buy iterations on small machines without touching the energy."""
 
 
 @dataclass

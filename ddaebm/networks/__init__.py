@@ -71,7 +71,8 @@ def _generator(cfg: ModelConfig, num_steps: int) -> nn.Module:
         return NCSNppGenerator(**_unet_args(cfg, num_steps), nz=cfg.nz, z_emb_dim=cfg.z_emb_dim, n_mlp=cfg.n_mlp)
     from ddaebm.networks.mnist import MLPGenerator
 
-    return MLPGenerator(dim=cfg.data_dim, nz=cfg.nz, num_steps=num_steps)
+    w = cfg.mlp_width
+    return MLPGenerator(dim=cfg.data_dim, nz=cfg.nz, num_steps=num_steps, branch=(w, w), widths=(w, w))
 
 
 def _encoder(cfg: ModelConfig, num_steps: int) -> nn.Module:
@@ -88,8 +89,9 @@ def _encoder(cfg: ModelConfig, num_steps: int) -> nn.Module:
                            logvar_max=cfg.logvar_max)
     from ddaebm.networks.mnist import MLPEncoder
 
+    w = cfg.mlp_width
     return MLPEncoder(dim=cfg.data_dim, nz=cfg.nz, num_steps=num_steps, logvar_min=cfg.logvar_min,
-                      logvar_max=cfg.logvar_max)
+                      logvar_max=cfg.logvar_max, branch=(2 * w, w), widths=(w,))
 
 
 def build_generator_encoder(cfg: ModelConfig, with_encoder: bool = True, num_steps: int = 4) -> GeneratorEncoder:
