@@ -33,6 +33,9 @@ the plain sampler (seeds 0 … N−1) refined by one step x + s·∇f(x, 0) (met
 likelihoods rank simple images high). The AUROC (in-distribution = `--split`) of f, of minus the ink (the sum of
 pixel intensities) and of minus the PNG size (a complexity estimate) alone, and Spearman's rank correlation of f with
 the PNG size over both sets together: an f that only counted complexity would score like −PNG and correlate ≈ −1.
+With at most 20 labels per set, the AUROC of f per class: each in-distribution class against the whole
+out-of-distribution set (`auc_f_in_class`) and the whole in-distribution set against each out-of-distribution class
+(`auc_f_out_class`), on whether a few look-alike classes (a digit 1 and a trouser) carry the shortfall.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 Z_DRAWS = 8
+MAX_CLASSES = 20  # per-class AUROCs of the --ood line for label sets up to this size (not StackedMNIST's 1000)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,18 +71,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def real_images(cfg, split: str, num: int) -> torch.Tensor:
+def labelled_images(cfg, split: str, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `num` images of the split, read as the model's training data is, and their labels."""
     from ddaebm.data.images import iterate_split
     from ddaebm.data.stream import resolution
 
-    chunks, have = [], 0
-    for x, _ in iterate_split(cfg.data.root, cfg.data.dataset, split, min(num, 256), resolution(cfg),
+    chunks, labels, have = [], [], 0
+    for x, y in iterate_split(cfg.data.root, cfg.data.dataset, split, min(num, 256), resolution(cfg),
                               cfg.model.channels, cfg.data.preprocess, cfg.data.loader, 0):
         chunks.append(x)
+        labels.append(torch.as_tensor(y))
         have += len(x)
         if have >= num:
             break
-    return torch.cat(chunks)[:num].float()
+    return torch.cat(chunks)[:num].float(), torch.cat(labels)[:num]
+
+
+def real_images(cfg, split: str, num: int) -> torch.Tensor:
+    return labelled_images(cfg, split, num)[0]
 
 
 def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -113,18 +123,33 @@ def energies(energy, x: torch.Tensor, batch: int = 250) -> torch.Tensor:
     return torch.from_numpy(energy_scores(energy, [(c, None) for c in x.split(batch)], x.device))
 
 
-def complexity_row(energy, x_in: torch.Tensor, x_out: torch.Tensor) -> dict:
+def by_class(scores: torch.Tensor, labels: torch.Tensor, against: torch.Tensor, in_first: bool) -> dict | None:
+    """AUROC of each class of a labelled set against the whole other set (None past MAX_CLASSES labels)."""
+    classes = labels.unique().tolist()
+    if len(classes) > MAX_CLASSES:
+        return None
+    return {str(c): auc(scores[labels == c], against) if in_first else auc(against, scores[labels == c])
+            for c in classes}
+
+
+def complexity_row(energy, x_in: torch.Tensor, x_out: torch.Tensor, y_in: torch.Tensor | None = None,
+                   y_out: torch.Tensor | None = None) -> dict:
     """The --ood line of the module docstring."""
     from scipy.stats import spearmanr
 
     f_in, f_out = energies(energy, x_in), energies(energy, x_out)
     png_in, png_out = png_bytes(x_in), png_bytes(x_out)
     ink = lambda x: (x + 1).flatten(1).sum(1) / 2  # noqa: E731
-    return {"auc_f": auc(f_in, f_out), "auc_minus_ink": auc(-ink(x_in), -ink(x_out)),
-            "auc_minus_png": auc(torch.from_numpy(-png_in), torch.from_numpy(-png_out)),
-            "spearman_f_png": float(spearmanr(torch.cat([f_in, f_out]).numpy(),
-                                              np.concatenate([png_in, png_out]))[0]),
-            "mean_f_in": float(f_in.mean()), "mean_f_out": float(f_out.mean())}
+    row = {"auc_f": auc(f_in, f_out), "auc_minus_ink": auc(-ink(x_in), -ink(x_out)),
+           "auc_minus_png": auc(torch.from_numpy(-png_in), torch.from_numpy(-png_out)),
+           "spearman_f_png": float(spearmanr(torch.cat([f_in, f_out]).numpy(),
+                                             np.concatenate([png_in, png_out]))[0]),
+           "mean_f_in": float(f_in.mean()), "mean_f_out": float(f_out.mean())}
+    if y_in is not None:
+        row["auc_f_in_class"] = by_class(f_in, y_in, f_out, in_first=True)
+    if y_out is not None:
+        row["auc_f_out_class"] = by_class(f_out, y_out, f_in, in_first=False)
+    return row
 
 
 def probe_step(model, gen_enc, energy, x0: torch.Tensor, k: int, g: torch.Generator) -> dict:
@@ -218,7 +243,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     model = Model.from_run(args.run_dir, torch.device("cpu"))
     gen_enc, energy = model.sampling_networks(not args.raw)  # the EMA generator copy holds the encoder too
-    x0 = real_images(model.cfg, args.split, args.num)
+    x0, y0 = labelled_images(model.cfg, args.split, args.num)
     head = {"run": str(args.run_dir), "step": model.step, "ablation": model.cfg.loss.ablation, "ema": not args.raw}
     rows = []
     with eval_mode(model):
@@ -232,8 +257,8 @@ def main(argv=None) -> int:
 
         root, name, split = parse_set(args.ood)
         cfg_out = replace(model.cfg, data=replace(model.cfg.data, root=root, dataset=name))
-        rows.append(show({**head, "ood": args.ood,
-                          **complexity_row(energy, x0, real_images(cfg_out, split, args.num))}))
+        x_out, y_out = labelled_images(cfg_out, split, args.num)
+        rows.append(show({**head, "ood": args.ood, **complexity_row(energy, x0, x_out, y0, y_out)}))
     if args.fid_from or args.refine_sweep:
         from bench.fidelity_eval import EvalPlan, default_set, split_stats
         from ddaebm.metrics.inception import FeatureExtractor

@@ -193,6 +193,7 @@ def test_fidelity_evaluation_row_on_a_tiny_run(tmp_path):
     assert list(sweep["fid_refined"]) == ["0.0", "0.01"] and sweep["num"] == 6 and _finite(sweep)
     assert _finite(complexity) and all(0 <= complexity[key] <= 1 for key in ("auc_f", "auc_minus_ink", "auc_minus_png"))
     assert -1 <= complexity["spearman_f_png"] <= 1
+    assert 1 <= len(complexity["auc_f_in_class"]) <= 6 and 1 <= len(complexity["auc_f_out_class"]) <= 6
     assert [p["k"] for p in probe] == [0, 1, 2, 3] and all(p["step"] == row["step"] for p in probe)
     assert all(_finite(p) and 0 <= p["auc_f"] <= 1 and p["kl_post"] >= 0 and p["z_spread"] > 0 for p in probe)
     # --floor: the same measurements on real training images (no model), drawn by --plot as horizontal lines.
@@ -276,3 +277,16 @@ def test_image_losses_equal_their_flat_form(ablation):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_probe_per_class_auroc():
+    from bench.fidelity_probe import by_class
+
+    # In-distribution classes 0 (scores 5, 6) and 1 (scores 1, 2) against out-of-distribution scores 3 and 4:
+    # class 0 is above both (AUROC 1), class 1 below both (0).
+    f_in, y_in = torch.tensor([5.0, 1.0, 6.0, 2.0]), torch.tensor([0, 1, 0, 1])
+    f_out = torch.tensor([3.0, 4.0])
+    assert by_class(f_in, y_in, f_out, in_first=True) == {"0": 1.0, "1": 0.0}
+    # Out-of-distribution class 7 (score 3) sits above half of the in-distribution set, class 8 (score 9) above all.
+    assert by_class(torch.tensor([3.0, 9.0]), torch.tensor([7, 8]), f_in, in_first=False) == {"7": 0.5, "8": 0.0}
+    assert by_class(torch.arange(21.0), torch.arange(21), f_out, in_first=True) is None  # too many labels
