@@ -19,7 +19,7 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 MNIST = ROOT.parent / "shared" / "data" / "mnist-10k"
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="/usr/share/datasets/fashion-mnist not present")
 needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data/mnist-10k not present")
-SMALL = ["fashion32", "fashion32_ncsnpp", "stackedmnist"]
+SMALL = ["fashion32", "fashion32_ncsnpp", "stackedmnist", "mnist_nice"]
 
 
 def _shards(out, source: str, src, split: str, count: int, *extra: str):
@@ -111,6 +111,8 @@ def test_small_configs_train_two_steps_on_two_deepspeed_ranks(tmp_path, name):
     pytest.importorskip("deepspeed")
     if name == "stackedmnist":
         shards = _shards(tmp_path / "stackedmnist", "stackedmnist", MNIST, "train", 32)
+    elif name == "mnist_nice":  # 28² digits in logit space
+        shards = _shards(tmp_path / "mnist", "mnist", MNIST, "train", 32)
     else:
         shards = _shards(tmp_path / "fashion", "fashion_mnist", FASHION, "train", 32, "--resolution", "32")
     run = tmp_path / "run"
