@@ -62,13 +62,13 @@ smnist() {
         --minutes "$MINUTES" --eval-every 20 --no-eval-at-start --num 0 --modes-mnist "$DATA/mnist28:mnist" \
         "data.root=$DATA/stackedmnist" "train.steps=$STEPS" >> "$RUNS/stackedmnist-full.log" 2>&1
 }
-nice_run() {  # METHOD: MNIST NICE by DDAEBM or maximum likelihood for NICE_MINUTES (default 40), once (not resumable:
+nice_run() {  # METHOD: MNIST NICE by DDAEBM or maximum likelihood for NICE_MINUTES (default 30), once (not resumable:
     # an unfinished run starts again)
     local out=$RUNS/nice
     [ -f "$out/exact-$1.png" ] && return
     rm -f "$out/curve-$1.jsonl"
     OMP_NUM_THREADS=1 python bench/nice_experiment.py --shards "$DATA/mnist28" --config configs/small/mnist_nice.yaml \
-        --method "$1" --minutes "${NICE_MINUTES:-40}" --eval-every 300 --out "$out" >> "$RUNS/nice-$1.log" 2>&1
+        --method "$1" --minutes "${NICE_MINUTES:-30}" --eval-every 300 --out "$out" >> "$RUNS/nice-$1.log" 2>&1
 }
 
 # The floors: real Fashion training images against the same test reference; real StackedMNIST digits' modes.
