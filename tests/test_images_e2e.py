@@ -1,6 +1,8 @@
 """Images end to end: shards from the real MNIST files, a tiny NCSN++ run on 2 DeepSpeed ranks, sampling on 1 and 2
 ranks (the same images by per-sample seeds), and a tiny MNIST NICE run with its exact samples."""
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -8,7 +10,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import CONFIGS, ROOT
-from tests.dist_utils import ds_env, run_ranks
+from ddaebm.checkpoint import latest_checkpoint
+from ddaebm.training.preemption import EXIT_PREEMPTED
+from tests.dist_utils import ds_env, run_ranks, wait_all, wait_for_stats
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist-10k"
 pytestmark = pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data/mnist-10k not present")
@@ -101,3 +105,21 @@ def test_image_run_resumes_bit_identically(tmp_path, cli_env):
         for key, value in shadow.items():
             assert torch.equal(value, b["ema"][name][key]), ("ema", name, key)
     assert a["stream"] == b["stream"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_to_the_process_group_spares_the_decoding_workers(tmp_path, sig):
+    """SLURM's preemption and `kill -- -PGID` signal the decoding workers too: the run still checkpoints and ends 143
+    (a worker killed by the signal used to make the DataLoader raise in the trainer first)."""
+    shards = _shards(tmp_path, "stackedmnist", "stackedmnist", 64)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ddaebm", "train", str(CONFIGS / "tiny" / "cifar10.yaml"),
+                             "--run-dir", str(run), "--steps", "100000", "data.dataset=stackedmnist",
+                             f"data.root={shards}", "data.loader=pil", "data.workers=1", "train.log_every=1",
+                             "train.ckpt_every=100000", "train.snapshot_every=100000"],
+                            cwd=tmp_path, env=ds_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_stats(run, 2, [proc], timeout=300)
+    os.killpg(proc.pid, sig)
+    assert wait_all([proc], 120) == [EXIT_PREEMPTED], proc.stderr.read()[-3000:]
+    assert int(latest_checkpoint(run).name.split("-")[1]) >= 2

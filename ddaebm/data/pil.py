@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import signal
 from functools import partial
 from typing import Iterator
 
@@ -39,13 +40,21 @@ def _collate(rows, shape):
     return torch.from_numpy(images), errors
 
 
+# The trainer's stop signals (ddaebm/training/preemption.py). SLURM's preemption, `timeout` and a `kill` of the
+# process group deliver them to the decoding workers too; a worker killed by one makes the DataLoader raise in
+# the trainer before the trainer can checkpoint. The workers ignore them and end when the trainer shuts them down.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 def _worker_init(_):
-    """A forked decoding worker: one thread, and never collect what it inherited from the parent.
+    """A forked decoding worker: one thread, deaf to the stop signals, and never collect what it inherited.
 
     The parent may hold NVIDIA DALI pipelines (or their garbage); a cyclic collection in the worker would run
     their finalizers, which wait on DALI threads that do not exist after fork, and the worker hangs forever
     (seen in a test: a PIL plugin import triggered the collection). Frozen objects are never collected.
     """
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     gc.freeze()
     torch.set_num_threads(1)
 
