@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import CONFIGS, ROOT
 from ddaebm.checkpoint import latest_checkpoint
 from ddaebm.training.preemption import EXIT_PREEMPTED
+from tests.conftest import CONFIGS, ROOT
 from tests.dist_utils import ds_env, run_ranks, wait_all, wait_for_stats
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist-10k"

@@ -13,6 +13,7 @@ import torch
 from ddaebm.data.decode import Transform, decode_pil, normalize
 from ddaebm.data.order import Planned
 from ddaebm.data.shards import ShardSet
+from ddaebm.training.preemption import STOP_SIGNALS
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -40,20 +41,18 @@ def _collate(rows, shape):
     return torch.from_numpy(images), errors
 
 
-# The trainer's stop signals (ddaebm/training/preemption.py). SLURM's preemption, `timeout` and a `kill` of the
-# process group deliver them to the decoding workers too; a worker killed by one makes the DataLoader raise in
-# the trainer before the trainer can checkpoint. The workers ignore them and end when the trainer shuts them down.
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
 def _worker_init(_):
     """A forked decoding worker: one thread, deaf to the stop signals, and never collect what it inherited.
 
     The parent may hold NVIDIA DALI pipelines (or their garbage); a cyclic collection in the worker would run
     their finalizers, which wait on DALI threads that do not exist after fork, and the worker hangs forever
     (seen in a test: a PIL plugin import triggered the collection). Frozen objects are never collected.
+
+    SLURM's preemption, `timeout` and a `kill` of the process group deliver the trainer's stop signals to the
+    workers too; a worker killed by one makes the DataLoader raise in the trainer before it can checkpoint. The
+    workers ignore them and end when the trainer shuts them down.
     """
-    for sig in _STOP_SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     gc.freeze()
     torch.set_num_threads(1)
