@@ -7,7 +7,10 @@
 
 Training runs through the package's loop (`ddaebm.training.loop.train`) in slices of at most two minutes, each
 ending in a checkpoint; a job stopped at any point continues from its last slice when the same command runs again
-(`prepare_run` checks that the run dir holds the same experiment; `train.steps` and the budget may change). Training
+(`prepare_run` checks that the run dir holds the same experiment; `train.steps` and the budget may change). SIGTERM
+or SIGUSR1 while training ends the slice with a checkpoint and exit 143, as `ddaebm train`; during an evaluation
+they stop the process at once (the rows already written and the last checkpoint stay; the evaluation runs again on
+resume). Training
 minutes are wall-clock seconds inside `train`, evaluations excluded, kept in DIR/fidelity-state.json. Every
 `--eval-every` training minutes, at the start of a fresh run and when the budget or `train.steps` is reached, one
 row goes to DIR/fidelity.jsonl (bench/fidelity_eval.py says what each part measures):
@@ -108,16 +111,21 @@ def write_state(run_dir: Path, state: dict) -> None:
 
 
 def train_slice(cfg, run_dir: Path, trainer, seconds: float, s_per_it: float | None,
-                first: bool = False) -> tuple[int, float]:
-    """Train about `seconds` (≥ 1 iteration, ≤ train.steps), ending in a checkpoint; (iterations, seconds taken).
-    The trainer's start-up lines are written for the `first` slice of this process only."""
+                first: bool = False) -> tuple[int, float, bool]:
+    """Train about `seconds` (≥ 1 iteration, ≤ train.steps), ending in a checkpoint; (iterations, seconds taken,
+    whether a stop signal cut it short). The trainer's start-up lines are written for the `first` slice of this
+    process only."""
     from ddaebm.training.loop import train
+    from ddaebm.training.preemption import Preempted
 
     n = 10 if s_per_it is None else max(1, int(seconds / s_per_it))
     n = min(n, cfg.train.steps - trainer.step)
-    t0 = time.perf_counter()
-    train(cfg, run_dir, trainer=trainer, slice_steps=n, announce=first)
-    return n, time.perf_counter() - t0
+    step0, t0 = trainer.step, time.perf_counter()
+    try:
+        train(cfg, run_dir, trainer=trainer, slice_steps=n, announce=first)
+    except Preempted:  # checkpointed at trainer.step: the caller books the iterations done, then stops
+        return trainer.step - step0, time.perf_counter() - t0, True
+    return n, time.perf_counter() - t0, False
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -190,6 +198,7 @@ def floor(cfg, args, plan, extractor) -> int:
 def run_locked(args) -> int:
     from ddaebm.config import load_config
     from ddaebm.training.loop import build_trainer, prepare_run
+    from ddaebm.training.preemption import EXIT_PREEMPTED
 
     cfg = load_config(args.config, args.overrides)
     plan = plan_from(args)
@@ -219,11 +228,16 @@ def run_locked(args) -> int:
         last = state["last_eval"] if state["last_eval"] is not None else 0.0
         next_eval = min(budget, (round(last / every) + 1) * every)  # evaluations land within ½ it of a boundary
         want = min(next_eval - state["train_seconds"], SLICE_SECONDS)
-        n, dt = train_slice(cfg, args.run_dir, trainer, want, s_per_it, first)
+        n, dt, stopped = train_slice(cfg, args.run_dir, trainer, want, s_per_it, first)
         first = False
-        s_per_it = dt / n  # the last slice's: the machine's load moves it (a shared CPU: 0.7 to 4 s/it measured)
+        if n:  # the last slice's: the machine's load moves it (a shared CPU: 0.7 to 4 s/it measured)
+            s_per_it = dt / n
         state.update(train_seconds=state["train_seconds"] + dt, step=trainer.step, s_per_it=s_per_it)
         write_state(args.run_dir, state)
+        if stopped:
+            print(f"fidelity: stopped by a signal at step {trainer.step}, {state['train_seconds'] / 60:.1f} training "
+                  "minutes, checkpoint written: run the same command again to resume", file=sys.stderr)
+            return EXIT_PREEMPTED
         # Due within half an iteration of the boundary, or at the end of the budget or of train.steps.
         done = state["train_seconds"] >= budget - 0.5 * s_per_it or trainer.step >= cfg.train.steps
         if state["train_seconds"] >= next_eval - 0.5 * s_per_it or done:

@@ -225,6 +225,38 @@ def test_fidelity_evaluation_row_on_a_tiny_run(tmp_path):
     assert floor_line.startswith("| real data |") and f"{floor['fid']['12']:.1f} (12)" in floor_line
 
 
+@needs_mnist
+def test_a_stop_signal_ends_a_fidelity_run_with_its_checkpoint_and_its_minutes(tmp_path, monkeypatch, capsys):
+    """SIGTERM in the middle of a training slice: the iteration finishes, the checkpoint and the training minutes
+    are kept, one line says so and the exit status is 143 (as `ddaebm train`), not a traceback."""
+    import os
+    import signal
+
+    import bench.fidelity as fidelity
+    from ddaebm.training.trainer import Trainer
+
+    data = _shards(tmp_path / "stackedmnist", "stackedmnist", MNIST, "train", 32)
+    real_step, calls = Trainer.train_step, []
+
+    def signal_in_the_second(self, *args, **kwargs):
+        calls.append(self.step)
+        if len(calls) == 2:  # a scheduler's SIGTERM arrives during the second iteration
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", signal_in_the_second)
+    run = tmp_path / "run"
+    code = fidelity.main([str(CONFIGS / "small" / "stackedmnist.yaml"), "--run-dir", str(run), "--minutes", "5",
+                          "--no-eval-at-start", "--num", "0", "--no-synthetic", f"data.root={data}", "data.batch=4",
+                          "model.nf=8", "train.steps=50", "data.loader=pil", "data.workers=0"])
+    assert code == 143 and len(calls) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fidelity: stopped by a signal at step 2,") and "Traceback" not in "\n".join(err)
+    state = json.loads((run / fidelity.STATE).read_text())
+    assert state["step"] == 2 and state["train_seconds"] > 0 and state["last_eval"] is None
+    assert (run / "checkpoints").is_dir() and not (run / "fidelity.jsonl").exists()
+
+
 class _Flat(torch.nn.Module):
     """A network on images seen through flat vectors: the 2-D (toy) shape of every tensor the losses handle."""
 
