@@ -45,7 +45,9 @@ class Model:
         self.data_shape = data_shape(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.energy = self._placed(build_energy(cfg.model, cfg.diffusion.num_steps))
-        self.gen_enc = self._placed(build_generator_encoder(cfg.model, self.terms.encoder, cfg.diffusion.num_steps))
+        # model.mlp_skip's gains start at √ᾱ_{k+1}: E[x₀ | x_{k+1}] ≈ √ᾱ_{k+1}·x_{k+1} for unit-variance data.
+        self.gen_enc = self._placed(build_generator_encoder(cfg.model, self.terms.encoder, cfg.diffusion.num_steps,
+                                                            self.schedule.alpha_bar[1:].sqrt().tolist()))
         self.averaged: dict[str, nn.Module] | None = None
         self.step = 0
         self._precise_bn = None  # (source, its tensors' versions, result) of the last sampling_generator call

@@ -266,3 +266,26 @@ def test_mlp_width_sets_the_generator_and_encoder_not_the_energy(config, width):
     assert n_params(build_energy(cfg)) == 20_464_904
     if width == 1600:  # the paper's networks (README table)
         assert (round(n_params(ge.generator) / 1e4), round(n_params(ge.encoder) / 1e4)) == (1044, 1303)
+
+
+def test_mlp_skip_adds_a_learned_gain_per_step_on_x_k1_starting_at_sqrt_alpha_bar():
+    """model.mlp_skip: G(x_{k+1}, k, z) = MLP(x_{k+1}, z, k) + g_k·x_{k+1}, one learned gain per step, which the
+    model starts at √ᾱ_{k+1} (the MNIST schedule's: .8452, .5247, .2392, .0801, SPEC §1 table)."""
+    from ddaebm.model import Model
+
+    cfg = load_config(CONFIGS / "small" / "mnist_nice.yaml", ["model.mlp_skip=true", "model.mlp_width=16"])
+    torch.testing.assert_close(Model(cfg).gen_enc.generator.gain.detach(),
+                               torch.tensor([.7144, .27526, .0572, .00641]).sqrt(), atol=2e-4, rtol=0)
+    torch.manual_seed(0)
+    gains = torch.tensor([1.5, -0.5, 0.25, 0.0])
+    gen = build_generator_encoder(cfg.model, with_encoder=False, skip_gains=gains.tolist()).generator
+    plain = MLPGenerator(nz=50, branch=(16, 16), widths=(16, 16))
+    assert n_params(gen) == n_params(plain) + 4
+    plain.load_state_dict({key: v for key, v in gen.state_dict().items() if key != "gain"})
+    x, k, z = torch.randn(6, 784), torch.tensor([0, 1, 2, 3, 0, 3]), torch.randn(6, 50)
+    torch.testing.assert_close(gen(x, k, z), plain(x, k, z) + gains[k].unsqueeze(1) * x)
+    gen.zero_grad()
+    gen(x, k, z).sum().backward()
+    # d/dg_j of Σ out = Σ over the rows with k = j of Σ x: each step's gain gets its own rows' gradient.
+    torch.testing.assert_close(gen.gain.grad, torch.stack([x[k == j].sum() for j in range(4)]))
+    assert load_config(CONFIGS / "small" / "mnist_nice.yaml").model.mlp_skip is False  # the paper's network

@@ -94,6 +94,9 @@ class ModelConfig:
     mlp_width: int = 1600
     """Width of the mnist_nice generator and encoder MLPs (method.md §7.5: the paper's 1600; the encoder's input
     branch is twice it). Narrower ones buy iterations on small machines without touching the energy."""
+    mlp_skip: bool = False
+    """[ddaebm] The mnist_nice generator adds g_k·x_{k+1} to its output, a learned gain per step starting at
+    √ᾱ_{k+1} (method.md §7.5); false: the paper's plain MLP."""
 
 
 @dataclass

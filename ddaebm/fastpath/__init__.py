@@ -33,7 +33,7 @@ HANDLED = {
               # the image and NICE networks' fields: not read by arch=toy
               "image_size", "channels", "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "fir",
               "progressive_input", "z_emb_dim", "n_mlp", "encoder", "encoder_ngf", "channels_last", "nice_hidden",
-              "nice_layers", "nice_couplings", "mlp_width", "image_net", "energy_head"},
+              "nice_layers", "nice_couplings", "mlp_width", "mlp_skip", "image_net", "energy_head"},
 }
 
 # Fields whose other values the fast path does not implement: key -> the values it requires.

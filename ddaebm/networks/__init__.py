@@ -9,6 +9,8 @@ generator and encoder on flat logit pixels).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from ddaebm.config import ModelConfig
@@ -56,7 +58,7 @@ def build_energy(cfg: ModelConfig, num_steps: int = 4) -> nn.Module:
     raise ValueError(f"unknown model.arch {cfg.arch!r}")
 
 
-def _generator(cfg: ModelConfig, num_steps: int) -> nn.Module:
+def _generator(cfg: ModelConfig, num_steps: int, skip: Sequence[float] | None) -> nn.Module:
     if cfg.arch == "toy":
         from ddaebm.networks.toy import ToyGenerator
 
@@ -72,7 +74,8 @@ def _generator(cfg: ModelConfig, num_steps: int) -> nn.Module:
     from ddaebm.networks.mnist import MLPGenerator
 
     w = cfg.mlp_width
-    return MLPGenerator(dim=cfg.data_dim, nz=cfg.nz, num_steps=num_steps, branch=(w, w), widths=(w, w))
+    return MLPGenerator(dim=cfg.data_dim, nz=cfg.nz, num_steps=num_steps, branch=(w, w), widths=(w, w),
+                        skip=skip if cfg.mlp_skip else None)
 
 
 def _encoder(cfg: ModelConfig, num_steps: int) -> nn.Module:
@@ -94,10 +97,13 @@ def _encoder(cfg: ModelConfig, num_steps: int) -> nn.Module:
                       logvar_max=cfg.logvar_max, branch=(2 * w, w), widths=(w,))
 
 
-def build_generator_encoder(cfg: ModelConfig, with_encoder: bool = True, num_steps: int = 4) -> GeneratorEncoder:
+def build_generator_encoder(cfg: ModelConfig, with_encoder: bool = True, num_steps: int = 4,
+                            skip_gains: Sequence[float] | None = None) -> GeneratorEncoder:
+    """`skip_gains`: the initial gains g_k of `model.mlp_skip` (Model passes √ᾱ_{k+1}); default 1."""
     if cfg.arch not in ("toy", "ncsnpp", "mnist_nice"):
         raise ValueError(f"unknown model.arch {cfg.arch!r}")
-    return GeneratorEncoder(_generator(cfg, num_steps), _encoder(cfg, num_steps) if with_encoder else None)
+    skip = [1.0] * num_steps if skip_gains is None else skip_gains
+    return GeneratorEncoder(_generator(cfg, num_steps, skip), _encoder(cfg, num_steps) if with_encoder else None)
 
 
 def parameter_counts(energy: nn.Module, gen_enc: GeneratorEncoder) -> dict[str, int]:

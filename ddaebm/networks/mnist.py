@@ -19,6 +19,7 @@ Choices the SPEC leaves open, and why:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -162,16 +163,22 @@ class BranchedMLP(nn.Module):
 
 
 class MLPGenerator(nn.Module):
-    """G_φ(x_{k+1}, k, z) = x₀' in logit space (no output activation; method.md §3, §7.5)."""
+    """G_φ(x_{k+1}, k, z) = x₀' in logit space (no output activation; method.md §3, §7.5).
+
+    `skip` (one gain per step) adds g_k·x_{k+1} to the output, the gains learned from these values: a plain MLP,
+    narrower than its 784-wide input, learns to pass x_{k+1} through at the pace Adam's step size allows, and until
+    then makes nearly one image whatever x_{k+1} is (method.md §7.5)."""
 
     def __init__(self, dim: int = 784, nz: int = 50, num_steps: int = 4, branch: tuple[int, int] = (1600, 1600),
-                 widths: tuple[int, ...] = (1600, 1600), t_emb_dim: int = 50):
+                 widths: tuple[int, ...] = (1600, 1600), t_emb_dim: int = 50, skip: Sequence[float] | None = None):
         super().__init__()
         self.nz = nz
         self.net = BranchedMLP(dim + nz, dim, branch, widths, t_emb_dim=t_emb_dim, num_steps=num_steps)
+        self.gain = None if skip is None else nn.Parameter(torch.as_tensor(skip, dtype=torch.float32).clone())
 
     def forward(self, x_k1: torch.Tensor, k: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x_k1, z], dim=1), k)
+        out = self.net(torch.cat([x_k1, z], dim=1), k)
+        return out if self.gain is None else out + self.gain[k].unsqueeze(1) * x_k1
 
 
 class MLPEncoder(nn.Module):
