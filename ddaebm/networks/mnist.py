@@ -167,7 +167,8 @@ class MLPGenerator(nn.Module):
 
     `skip` (one gain per step) adds g_k·x_{k+1} to the output, the gains learned from these values: a plain MLP,
     narrower than its 784-wide input, learns to pass x_{k+1} through at the pace Adam's step size allows, and until
-    then makes nearly one image whatever x_{k+1} is (method.md §7.5)."""
+    then its x₀ misses by several times what x_{k+1}/√ᾱ_{k+1} would (method.md §7.5; measured: it does not stop
+    the generator's collapse onto one digit, which the noisiest step makes)."""
 
     def __init__(self, dim: int = 784, nz: int = 50, num_steps: int = 4, branch: tuple[int, int] = (1600, 1600),
                  widths: tuple[int, ...] = (1600, 1600), t_emb_dim: int = 50, skip: Sequence[float] | None = None):
