@@ -5,15 +5,14 @@
     python bench/fidelity.py --plot OUT.png RUN_DIR [RUN_DIR ...]      (bench/fidelity_report.py: curves and grids)
     python bench/fidelity.py --table RUN_DIR [RUN_DIR ...]             (a Markdown row per run: the README table)
 
-Training runs through the package's loop (`ddaebm.training.loop.train`) in slices of at most two minutes, each
-ending in a checkpoint; a job stopped at any point continues from its last slice when the same command runs again
-(`prepare_run` checks that the run dir holds the same experiment; `train.steps` and the budget may change). SIGTERM
-or SIGUSR1 while training ends the slice with a checkpoint and exit 143, as `ddaebm train`; during an evaluation
-they stop the process at once (the rows already written and the last checkpoint stay; the evaluation runs again on
-resume). Training
-minutes are wall-clock seconds inside `train`, evaluations excluded, kept in DIR/fidelity-state.json. Every
-`--eval-every` training minutes, at the start of a fresh run and when the budget or `train.steps` is reached, one
-row goes to DIR/fidelity.jsonl (bench/fidelity_eval.py says what each part measures):
+Training runs through the package's loop (`ddaebm.training.loop.train`) in slices of at most a minute
+(SLICE_SECONDS), each ending in a checkpoint; a job stopped at any point continues from its last slice when the same
+command runs again (`prepare_run` checks that the run dir holds the same experiment; `train.steps` and the budget may
+change). SIGTERM or SIGUSR1 while training ends the slice with a checkpoint and exit 143, as `ddaebm train`; during
+an evaluation they stop the process at once (the rows already written and the last checkpoint stay; the evaluation
+runs again on resume). Training minutes are wall-clock seconds inside `train`, evaluations excluded, kept in
+DIR/fidelity-state.json. Every `--eval-every` training minutes, at the start of a fresh run and when the budget or
+`train.steps` is reached, one row goes to DIR/fidelity.jsonl (bench/fidelity_eval.py says what each part measures):
 
     step, train_minutes, images_seen, s_per_it, fid (num samples against ref / ref_num), fid_refine and
     fid_refine_base (the first refine_num samples refined and not),
