@@ -1,6 +1,6 @@
 """What bench/fidelity.py's run dirs hold, as figures and a table: the curves, the newest grids, the Table-5 rows.
 
-    python bench/fidelity.py --plot OUT.png RUN_DIR [RUN_DIR ...]     FID and AUROC against training minutes
+    python bench/fidelity.py --plot OUT.png RUN_DIR [RUN_DIR ...]     FID, AUROC, modes, KL against minutes
     python bench/fidelity.py --table RUN_DIR [RUN_DIR ...]            one Markdown row per run and per floor
 
 A run dir holds ROWS (one JSON line per evaluation, `--eval-only` ones marked `eval_only`); a floor dir
@@ -32,8 +32,19 @@ def read_rows(run_dir: Path) -> list[dict]:
     return _lines(path)
 
 
+PANELS = ("fid", "auroc", "modes", "kl")
+"""The curves' panels, in order; a figure draws those its rows hold (a StackedMNIST run without FID: modes, KL)."""
+
+
+def panels(runs: list[list[dict]], floors: list[dict] = ()) -> list[str]:
+    """The PANELS some row of some run (or floor) measured."""
+    rows = [r for rows in runs for r in rows] + list(floors)
+    return [key for key in PANELS if any(r.get(key) not in (None, {}) for r in rows)]
+
+
 def plot(out: Path, run_dirs: list[Path], labels: list[str] | None, x: str = "minutes") -> None:
-    """OUT: FID and AUROC against training minutes (and modes when any run has them); OUT-grids.png: newest grids."""
+    """OUT: FID, AUROC, StackedMNIST modes and reverse KL against training minutes, each panel where some row has
+    it; OUT-grids.png: each run's newest grid."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,40 +56,48 @@ def plot(out: Path, run_dirs: list[Path], labels: list[str] | None, x: str = "mi
     runs = [read_rows(d) for d in run_dirs]
     labels = labels or [rows[-1].get("label", Path(d).name) if rows else Path(d).name
                         for d, rows in zip(run_dirs, runs)]
-    with_modes = any("modes" in r for rows in runs for r in rows)
-    fig, axes = plt.subplots(1, 3 if with_modes else 2, figsize=(15 if with_modes else 10, 4), dpi=110)
+    keys = panels(runs, floors) or ["fid"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), dpi=110, squeeze=False)
+    ax = dict(zip(keys, axes[0]))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = {"mnist": "-", "uniform": ":", "constant": "-."}
+    at = (lambda r: r["train_minutes"]) if x == "minutes" else (lambda r: r["images_seen"] / 1000)  # noqa: E731
     for i, (all_rows, label) in enumerate(zip(runs, labels)):
         c = colors[i % len(colors)]
         rows = [r for r in all_rows if not r.get("eval_only")]  # one curve: the in-loop rows (one --num)
-        at = (lambda r: r["train_minutes"]) if x == "minutes" else (lambda r: r["images_seen"] / 1000)  # noqa: E731
-        for r in (r for r in all_rows if r.get("eval_only") and r.get("fid") is not None):  # --eval-only: stars
-            axes[0].plot([at(r)], [r["fid"]], "*", color=c, ms=10)
+        finals = [r for r in all_rows if r.get("eval_only")]  # --eval-only rows: stars
         t = [at(r) for r in rows]
-        if any(r.get("fid") is not None for r in rows):
-            axes[0].plot(t, [r.get("fid") for r in rows], "-o", color=c, ms=3, label=label)
-            axes[0].plot(t, [r.get("fid_refine") for r in rows], "--", color=c, alpha=0.7)
+        for key in ("fid", "modes", "kl"):
+            if key not in ax:
+                continue
+            if any(r.get(key) is not None for r in rows):
+                ax[key].plot(t, [r.get(key) for r in rows], "-o", color=c, ms=3, label=label)
+            for r in (r for r in finals if r.get(key) is not None):
+                ax[key].plot([at(r)], [r[key]], "*", color=c, ms=10)
+        if "fid" in ax and any(r.get("fid_refine") is not None for r in rows):
+            ax["fid"].plot(t, [r.get("fid_refine") for r in rows], "--", color=c, alpha=0.7)
         for name in sorted({k for r in rows for k in r.get("auroc", {})}):
-            axes[1].plot(t, [r["auroc"].get(name) for r in rows], styles.get(name, "--"), color=c,
-                         label=f"{label} vs {name}")
-        if with_modes:
-            axes[2].plot(t, [r.get("modes") for r in rows], "-o", color=c, ms=3, label=label)
+            ax["auroc"].plot(t, [r["auroc"].get(name) for r in rows], styles.get(name, "--"), color=c,
+                             label=f"{label} vs {name}")
     for row in floors:  # real data: what a perfect generator scores with the same code
-        for num, value in row.get("fid", {}).items():
-            axes[0].axhline(value, color="gray", ls=":", lw=1)
-            axes[0].annotate(f"real data, N={num}", (1, value), xycoords=("axes fraction", "data"), ha="right",
-                             va="bottom", fontsize=7, color="gray")
-        if with_modes and row.get("modes") is not None:
-            axes[2].axhline(row["modes"], color="gray", ls=":", lw=1, label="real data")
+        for num, value in (row.get("fid") or {}).items():
+            ax["fid"].axhline(value, color="gray", ls=":", lw=1)
+            ax["fid"].annotate(f"real data, N={num}", (1, value), xycoords=("axes fraction", "data"), ha="right",
+                               va="bottom", fontsize=7, color="gray")
+        for key in ("modes", "kl"):
+            if row.get(key) is not None:
+                ax[key].axhline(row[key], color="gray", ls=":", lw=1, label="real data")
     xlabel = "training minutes" if x == "minutes" else "thousands of images seen"
-    axes[0].set(xlabel=xlabel, ylabel="FID (dashed: with refinement)", yscale="log", title="FID")
-    axes[1].set(xlabel=xlabel, ylabel="AUROC of f(x, 0)", ylim=(0, 1.02), title="OOD AUROC")
-    if with_modes:
-        axes[2].set(xlabel=xlabel, ylabel="covered modes (of 1000)", title="StackedMNIST modes")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    titles = {"fid": dict(ylabel="FID (dashed: with refinement)", yscale="log", title="FID"),
+              "auroc": dict(ylabel="AUROC of f(x, 0)", ylim=(0, 1.02), title="OOD AUROC"),
+              "modes": dict(ylabel="covered modes (of 1000)", title="StackedMNIST modes"),
+              "kl": dict(ylabel="reverse KL of the mode histogram (nats)", yscale="log",
+                         title="StackedMNIST reverse KL")}
+    for key, a in ax.items():
+        a.set(xlabel=xlabel, **titles[key])
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

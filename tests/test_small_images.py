@@ -324,3 +324,29 @@ def test_probe_per_class_auroc():
     # Out-of-distribution class 7 (score 3) sits above half of the in-distribution set, class 8 (score 9) above all.
     assert by_class(torch.tensor([3.0, 9.0]), torch.tensor([7, 8]), f_in, in_first=False) == {"7": 0.5, "8": 0.0}
     assert by_class(torch.arange(21.0), torch.arange(21), f_out, in_first=True) is None  # too many labels
+
+
+def test_curves_draw_the_panels_their_rows_measured(tmp_path):
+    """--plot: a StackedMNIST run that measured modes and KL only gets those two panels (FID and AUROC axes would
+    be empty); a Fashion run FID and AUROC; a floor's figures count too."""
+    from bench.fidelity_report import panels, plot
+
+    smnist = [{"step": s, "train_minutes": m, "modes": n, "kl": kl, "fid": None, "auroc": {}}
+              for s, m, n, kl in ((768, 20, 230, 4.5), (1527, 40, 786, 1.1))]
+    fashion = [{"step": 500, "train_minutes": 20, "fid": 300.0, "auroc": {"mnist": 0.9}}]
+    assert panels([smnist]) == ["modes", "kl"]
+    assert panels([fashion]) == ["fid", "auroc"]
+    assert panels([smnist], [{"floor": True, "fid": {"1000": 14.9}}]) == ["fid", "modes", "kl"]
+    assert panels([fashion, smnist]) == ["fid", "auroc", "modes", "kl"]
+    for name, rows in (("smnist", smnist), ("fashion", fashion)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "fidelity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    floor = tmp_path / "floor"
+    floor.mkdir()
+    (floor / "floor.jsonl").write_text(json.dumps({"floor": True, "modes": 1000, "kl": 0.011}) + "\n")
+    plot(tmp_path / "curves.png", [tmp_path / "smnist", floor], None)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "curves.png").size == (1100, 440)  # two 5-inch panels at 110 dpi
+    assert (tmp_path / "curves-grids.png").is_file()
