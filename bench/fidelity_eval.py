@@ -144,7 +144,7 @@ def modes_of(cfg, plan: EvalPlan, images) -> dict:
     """{"modes", "kl", ...} of uint8 image batches against the training shards' (or the uniform) label distribution."""
     from ddaebm.data.images import load_labels
     from ddaebm.metrics.stackedmnist import (NUM_MODES, classifier_for, label_counts, label_distribution,
-                                             mode_stats, stacked_labels)
+                                             modes_row, stacked_labels)
 
     root, name = plan.modes_mnist.rsplit(":", 1)
     with torch.enable_grad():  # trained on first use (then cached), inside evaluate's no_grad
@@ -158,8 +158,7 @@ def modes_of(cfg, plan: EvalPlan, images) -> dict:
     for batch in images:
         counts += label_counts(stacked_labels(classifier, batch))
         n += len(batch)
-    stats = mode_stats(counts, p_data)
-    return {"modes": stats["modes"], "kl": stats["kl"] if np.isfinite(stats["kl"]) else None,
+    return {**modes_row(counts, p_data),
             "modes_num": n, "modes_p": plan.modes_p, "classifier_test_accuracy": info["test_accuracy"]}
 
 

@@ -130,6 +130,7 @@ def test_fid_is_ood_modes_rows(runs, capsys):
                "--classifier-cache", d / "clf", "--p", "uniform"], capsys))
     (row,) = _rows(run, "modes")
     assert 1 <= row["modes"] <= 12 and np.isfinite(row["kl"]) and 0 <= row["classifier_test_accuracy"] <= 1
+    assert len(row["kl_channels"]) == 3 and row["kl_dependence"] >= 0  # where the KL comes from
     assert len(list((d / "clf").glob("*.json"))) == 1
 
 

@@ -167,7 +167,7 @@ def test_fidelity_evaluation_row_on_a_tiny_run(tmp_path):
     row = rows[0]
     assert row["step"] >= 1 and row["num"] == 12 and row["refine_num"] == 6 and row["ref_num"] == 40
     assert set(row["auroc"]) == {"stackedmnist", "uniform", "constant"} and row["num_in"] == 30
-    for key in ("fid", "fid_refine", "fid_refine_base", "modes", "kl", "train_minutes", "s_per_it"):
+    for key in ("fid", "fid_refine", "fid_refine_base", "modes", "kl", "kl_dependence", "train_minutes", "s_per_it"):
         assert row[key] is not None, key
     assert _finite(row), row
     assert (run / "fidelity" / f"grid-{row['step']:09d}.png").is_file()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddaebm.metrics.stackedmnist import (NUM_MODES, classifier_for, expected_modes, label_counts, label_distribution,
-                                         mode_stats, reverse_kl, stacked_labels)
+                                         kl_by_channel, mode_stats, modes_row, reverse_kl, stacked_labels)
 from tests.conftest import ROOT
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist-10k"
@@ -45,6 +45,33 @@ def _shards(out, source, split, *extra):
     subprocess.run([sys.executable, "-m", "data_shards", source, "--input", str(MNIST), "--out", str(out), "--name",
                     source, "--split", split, *extra], cwd=ROOT, check=True, capture_output=True, timeout=300)
 
+
+
+def test_reverse_kl_splits_into_channel_marginals_and_dependence():
+    p = np.full(NUM_MODES, 1 / NUM_MODES)
+    # R only ever 0 or 1, G and B uniform and independent: KL log 5, all of it R's marginal.
+    labels = np.array([100 * r + 10 * g + b for r in (0, 1) for g in range(10) for b in range(10)])
+    split = kl_by_channel(label_counts(labels), p)
+    assert split["kl_channels"] == [pytest.approx(np.log(5)), pytest.approx(0, abs=1e-12),
+                                    pytest.approx(0, abs=1e-12)]
+    assert split["kl_dependence"] == pytest.approx(0, abs=1e-12)
+    # Three equal digits (000, 111, …, 999): every marginal uniform, KL log 100, all of it dependence.
+    split = kl_by_channel(label_counts(111 * np.arange(10)), p)
+    assert split["kl_channels"] == [pytest.approx(0, abs=1e-12)] * 3
+    assert split["kl_dependence"] == pytest.approx(np.log(100))
+    # Any histogram against a product p: the parts add up to the joint KL.
+    rng = np.random.default_rng(0)
+    p_c = [rng.dirichlet(np.ones(10)) for _ in range(3)]
+    p_prod = np.einsum("a,b,c->abc", *p_c).ravel()
+    counts = rng.integers(0, 50, NUM_MODES).astype(float)
+    split = kl_by_channel(counts, p_prod)
+    assert sum(split["kl_channels"]) + split["kl_dependence"] == pytest.approx(reverse_kl(counts, p_prod), rel=1e-10)
+    # As a row: the infinite KL of samples on a label the data lacks is None, the rest stay numbers.
+    p_hole = p.copy()
+    p_hole[0], p_hole[1] = 0, 2 / NUM_MODES
+    row = modes_row(label_counts([0, 5]), p_hole)
+    assert row["modes"] == 2 and row["kl"] is None and row["kl_dependence"] >= 0
+    assert all(np.isfinite(v) for v in row["kl_channels"])
 
 @needs_mnist
 def test_real_stackedmnist_covers_the_expected_modes(tmp_path, capsys):

@@ -249,7 +249,7 @@ def _p_data(cfg, args) -> tuple[np.ndarray, str]:
 def eval_modes(args) -> int:
     from ddaebm import distributed
     from ddaebm.metrics.fid import eval_mode, generated_images, sum_over_ranks
-    from ddaebm.metrics.stackedmnist import classifier_for, label_counts, mode_stats, stacked_labels
+    from ddaebm.metrics.stackedmnist import classifier_for, label_counts, modes_row, stacked_labels
 
     t0 = time.perf_counter()
     _check_num(args.num, 1, args.batch)
@@ -276,13 +276,11 @@ def eval_modes(args) -> int:
         for _, images in generated_images(model, args.num, args.seed, args.batch, args.refine, _use_ema(args)):
             counts += label_counts(stacked_labels(classifier, images))
     (counts,) = sum_over_ranks([counts])
-    stats = mode_stats(counts, p_data)
     if _is_lead():
-        row = {"metric": "modes", "step": model.step, "modes": stats["modes"],
-               "kl": stats["kl"] if np.isfinite(stats["kl"]) else None, "num_samples": args.num, "seed": args.seed,
-               "p": p_source, "classifier_test_accuracy": info["test_accuracy"],
+        row = {"metric": "modes", "step": model.step, **modes_row(counts, p_data), "num_samples": args.num,
+               "seed": args.seed, "p": p_source, "classifier_test_accuracy": info["test_accuracy"],
                "classifier": info["path"], **_sampling(model, args), "world": distributed.world_size()}
-        if not np.isfinite(stats["kl"]):
+        if row["kl"] is None:
             row["kl_note"] = "infinite: samples hit labels the data set lacks (small data set? try --p uniform)"
         finish(run_dir, "modes", row, t0)
     return 0

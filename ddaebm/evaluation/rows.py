@@ -29,7 +29,15 @@ def print_table(title: str, row: dict) -> None:
     width = max(len(k) for k in flat)
     print(title)
     for key, value in flat.items():
-        print(f"  {key:<{width}}  {value:.6g}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+        print(f"  {key:<{width}}  {_cell(value)}")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
+    return str(value)
 
 
 def finish(run_dir: Path, name: str, row: dict, t0: float) -> None:

@@ -107,6 +107,31 @@ def reverse_kl(counts: np.ndarray, p_data: np.ndarray) -> float:
     return float((q[seen] * (np.log(q[seen]) - np.log(p[seen]))).sum())
 
 
+def kl_by_channel(counts: np.ndarray, p_data: np.ndarray) -> dict:
+    """Where a reverse KL comes from: {"kl_channels": [KL(q_c ‖ p_c) of each channel's digit marginal, R, G, B],
+    "kl_dependence": KL(q ‖ q_R q_G q_B), what the channels' digits depend on each other}. When p_data is a
+    product of its marginals (StackedMNIST draws its three digits independently) the two add up to the joint
+    reverse KL: too few or too many of some digit shows in kl_channels, merged or missing combinations in
+    kl_dependence."""
+    q = (counts / counts.sum()).reshape(10, 10, 10)
+    p = np.asarray(p_data, np.float64).reshape(10, 10, 10)
+    axes = ((1, 2), (0, 2), (0, 1))
+    q_c, p_c = [q.sum(axis=a) for a in axes], [p.sum(axis=a) for a in axes]
+    product = np.einsum("a,b,c->abc", *q_c)
+    return {"kl_channels": [reverse_kl(qc, pc) for qc, pc in zip(q_c, p_c)],
+            "kl_dependence": reverse_kl(q.ravel(), product.ravel())}
+
+
+def modes_row(counts: np.ndarray, p_data: np.ndarray) -> dict:
+    """mode_stats and kl_by_channel as a JSON row: an infinite KL (samples on labels the data lacks) is None."""
+    def finite(v: float) -> float | None:
+        return v if np.isfinite(v) else None
+
+    stats, split = mode_stats(counts, p_data), kl_by_channel(counts, p_data)
+    return {"modes": stats["modes"], "kl": finite(stats["kl"]),
+            "kl_channels": [finite(v) for v in split["kl_channels"]], "kl_dependence": split["kl_dependence"]}
+
+
 def expected_modes(p: np.ndarray, n: int) -> float:
     """E[#labels with ≥ 1 of n draws from p] = Σ_c 1 − (1 − p_c)^n."""
     return float((1.0 - (1.0 - np.asarray(p, np.float64)) ** n).sum())
