@@ -109,7 +109,7 @@ def reverse_kl(counts: np.ndarray, p_data: np.ndarray) -> float:
 
 def kl_by_channel(counts: np.ndarray, p_data: np.ndarray) -> dict:
     """Where a reverse KL comes from: {"kl_channels": [KL(q_c ‖ p_c) of each channel's digit marginal, R, G, B],
-    "kl_dependence": KL(q ‖ q_R q_G q_B), what the channels' digits depend on each other}. When p_data is a
+    "kl_dependence": KL(q ‖ q_R q_G q_B), how much the channels' digits depend on each other}. When p_data is a
     product of its marginals (StackedMNIST draws its three digits independently) the two add up to the joint
     reverse KL: too few or too many of some digit shows in kl_channels, merged or missing combinations in
     kl_dependence."""
