@@ -46,7 +46,6 @@ def _shards(out, source, split, *extra):
                     source, "--split", split, *extra], cwd=ROOT, check=True, capture_output=True, timeout=300)
 
 
-
 def test_reverse_kl_splits_into_channel_marginals_and_dependence():
     p = np.full(NUM_MODES, 1 / NUM_MODES)
     # R only ever 0 or 1, G and B uniform and independent: KL log 5, all of it R's marginal.
@@ -72,6 +71,7 @@ def test_reverse_kl_splits_into_channel_marginals_and_dependence():
     row = modes_row(label_counts([0, 5]), p_hole)
     assert row["modes"] == 2 and row["kl"] is None and row["kl_dependence"] >= 0
     assert all(np.isfinite(v) for v in row["kl_channels"])
+
 
 @needs_mnist
 def test_real_stackedmnist_covers_the_expected_modes(tmp_path, capsys):
